@@ -1,0 +1,99 @@
+"""The default CPU config: a small DiT in pixel space on the bundled synthetic clips.
+
+    python -m jaxsora.train --config experiments/tiny.py --workdir runs/default
+
+Variants (comma-separated after a colon, big_vision style):
+  runlocal   a few steps of an even smaller model, for tests and smoke runs (under a minute)
+  steps=N    train for N steps
+"""
+
+import ml_collections
+
+from jaxsora.sharding import DEFAULT_RULES
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    out = {}
+    for part in (arg or "").split(","):
+        if part:
+            key, _, value = part.partition("=")
+            out[key] = value or "1"
+    return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = parse_arg(arg)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1500
+    c.batch_size = 4  # packs per step, over all processes
+    c.log_every = 25
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    c.peak_flops_per_device = 0.0  # 0: measure a large matmul at start-up and use that
+
+    c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
+    c.sharding_rules = DEFAULT_RULES
+
+    c.model = ml_collections.ConfigDict()
+    c.model.compression = "pixels"  # the stage between pixels and patches (jaxsora/compression.py)
+    c.model.patch = (1, 4, 4)  # (p_t, p_h, p_w) in latent units
+    c.model.width = 192
+    c.model.depth = 4
+    c.model.num_heads = 3
+    c.model.mlp_ratio = 4.0
+    c.model.text_vocab = 2048
+    c.model.text_len = 16
+    c.model.text_width = 96
+    c.model.text_depth = 1
+    c.model.text_heads = 2
+    c.model.dtype = "float32"
+    c.model.attention = "xla"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = "data/tfds"
+    c.data.sources = [dict(name="synthetic_clips", weight=1.0)]
+    c.data.seq_len = 1024  # L: tokens per pack
+    c.data.max_segments = 16  # S: examples per pack at most
+    c.data.min_tokens = 32  # each example draws its token count from [min_tokens, max_tokens]
+    c.data.max_tokens = 256
+    c.data.max_frames = 8
+    c.data.frame_stride = 1
+    c.data.buffer_size = 64  # examples the packer sees at once
+    c.data.max_bad_fraction = 0.05  # error budget for undecodable media
+    c.data.token_drop_rate = 0.0  # NaViT token dropping: up to this fraction per example
+
+    c.flow = ml_collections.ConfigDict()
+    c.flow.time_mean = 0.0  # logit-normal time sampling
+    c.flow.time_std = 1.0
+    c.flow.base_tokens = 64  # resolution shift: sqrt(tokens / base_tokens) per segment
+    c.flow.loss_weighting = "segment"  # or "token"
+    c.flow.caption_dropout = 0.1  # for classifier-free guidance
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.grad_clip = 1.0
+    c.optim.ema_decay = 0.995
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.steps = 32
+    c.sample.guidance = 3.0
+    c.sample.seq_len = 1024
+
+    if "steps" in args:
+        c.total_steps = int(args["steps"])
+    if "runlocal" in args:
+        c.total_steps = int(args.get("steps", 6))
+        c.log_every = 2
+        c.checkpoint_every = 3
+        c.batch_size = 2
+        c.model.width, c.model.depth, c.model.num_heads = 32, 2, 2
+        c.model.text_width, c.model.text_depth = 32, 1
+        c.data.seq_len, c.data.max_tokens, c.data.min_tokens = 256, 128, 16
+        c.data.buffer_size = 16
+        c.sample.steps, c.sample.seq_len = 4, 256
+    return c

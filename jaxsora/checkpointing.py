@@ -1,0 +1,87 @@
+"""Orbax checkpoints of a whole run: model, optimizer, EMA, step, RNG, data iterator, config.
+
+Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it when every
+item is on disk), so an interrupted save is never listed and never restored; the last committed
+checkpoint stays usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int = 2):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=preservation_policy.LatestN(keep),
+                enable_async_checkpointing=True,
+            ),
+            item_names=("state", "data", "config"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, config_json: str) -> None:
+        """Starts an async save; returns once the arrays are copied off the device."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(json.loads(config_json)),
+            ),
+        )
+
+    def restore(self, step: int, abstract_state: Any, model_config: dict) -> tuple[Any, dict]:
+        """State restored onto the shardings in `abstract_state`, and the data iterator state.
+
+        Fails with a message naming the field when the checkpoint's model config differs.
+        """
+        saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        check_model_config(saved["config"].get("model", {}), model_config, self.directory, step)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def check_model_config(saved: dict, current: dict, directory: str, step: int) -> None:
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+            a, b = list(a), list(b)
+        if a != b:
+            raise CheckpointMismatchError(
+                f"checkpoint {directory}/{step} was written with model.{key}={a!r} but the config "
+                f"says model.{key}={b!r}; use the matching config or a new --workdir"
+            )
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs with each leaf's sharding: the restore target for any mesh."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+    )

@@ -1,0 +1,118 @@
+"""The diffusion transformer on packs: adaLN-Zero DiT blocks, segment-masked self-attention with
+3D RoPE, cross-attention from each segment's tokens to its own caption.
+
+Every conditioning signal is per segment ([B, S, ...]) and reaches tokens through their segment
+id, so a pack of several clips is several independent examples: the model's output for a clip
+does not depend on what else is in its pack (tests/test_model.py checks this through values and
+through gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsora.diffusion.flow import per_segment
+from jaxsora.models.layers import Attention, Mlp, dense, layer_norm
+from jaxsora.models.rope import rope_angles
+from jaxsora.models.text import CaptionEncoder
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    patch_dim: int  # p_t * p_h * p_w * C
+    width: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    text_vocab: int = 4096
+    text_len: int = 16
+    text_width: int = 128
+    text_depth: int = 2
+    text_heads: int = 2
+    rope_theta: float = 10_000.0
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    attention: str = "xla"
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+    """Sinusoidal features of t in [0, 1] (scaled by 1000 like DiT's integer steps)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = 1000.0 * t[..., None].astype(jnp.float32) * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1.0 + scale) + shift
+
+
+class DiTBlock(nnx.Module):
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs, dtype):
+        D = cfg.width
+        self.ada = dense(D, 6 * D, ("embed", "mlp"), rngs, dtype, zero=True)
+        self.self_attn = Attention(D, cfg.num_heads, rngs, dtype, cfg.attention)
+        self.cross_attn = Attention(D, cfg.num_heads, rngs, dtype, cfg.attention)
+        self.mlp = Mlp(D, int(cfg.mlp_ratio * D), rngs, dtype)
+
+    def __call__(self, x_BLD, c_BSD, seg_BL, angles, ctx_BMD, ctx_seg_BM):
+        mod_BLD6 = per_segment(self.ada(jax.nn.silu(c_BSD)), seg_BL)
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod_BLD6, 6, axis=-1)
+        h = modulate(layer_norm(x_BLD), shift1, scale1)
+        x_BLD = x_BLD + gate1 * self.self_attn(h, h, seg_BL, seg_BL, angles)
+        x_BLD = x_BLD + self.cross_attn(layer_norm(x_BLD), ctx_BMD, seg_BL, ctx_seg_BM)
+        h = modulate(layer_norm(x_BLD), shift2, scale2)
+        return x_BLD + gate2 * self.mlp(h)
+
+
+class DiT(nnx.Module):
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        D = cfg.width
+        self.patch_in = dense(cfg.patch_dim, D, ("patch", "embed"), rngs, dtype)
+        self.time_mlp1 = dense(256, D, (None, "embed"), rngs, dtype)
+        self.time_mlp2 = dense(D, D, ("embed", "mlp"), rngs, dtype)
+        self.captions = CaptionEncoder(cfg.text_vocab, cfg.text_len, cfg.text_width, cfg.text_depth,
+                                       cfg.text_heads, rngs, dtype, cfg.attention)
+        self.caption_pool = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
+        self.caption_proj = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
+        self.blocks = nnx.List([DiTBlock(cfg, rngs, dtype) for _ in range(cfg.depth)])
+        self.final_ada = dense(D, 2 * D, ("embed", "mlp"), rngs, dtype, zero=True)
+        self.patch_out = dense(D, cfg.patch_dim, ("embed", "patch"), rngs, dtype, zero=True)
+
+    def __call__(
+        self,
+        x_BLP: jax.Array,
+        t_BS: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL3: jax.Array,
+        text_ids_BSLt: jax.Array,
+        text_mask_BSLt: jax.Array,
+    ) -> jax.Array:
+        """Predicted velocity [B, L, P] for noisy patches x at per-segment times t."""
+        cfg = self.cfg
+        B, S, Lt = text_ids_BSLt.shape
+        dtype = jnp.dtype(cfg.dtype)
+        x = self.patch_in(x_BLP.astype(dtype))
+        t_emb = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t_BS, 256).astype(dtype))))
+        text_BSLtE, pooled_BSE = self.captions(text_ids_BSLt, text_mask_BSLt)
+        c_BSD = t_emb + self.caption_pool(pooled_BSE)
+        ctx_BMD = self.caption_proj(text_BSLtE).reshape(B, S * Lt, -1)
+        seg_of_caption = jnp.arange(1, S + 1, dtype=jnp.int32)[None, :, None]
+        ctx_seg_BM = jnp.where(text_mask_BSLt, seg_of_caption, 0).reshape(B, S * Lt)
+        angles = rope_angles(positions_BL3, cfg.width // cfg.num_heads, cfg.rope_theta)
+        for block in self.blocks:
+            x = block(x, c_BSD, segment_ids_BL, angles, ctx_BMD, ctx_seg_BM)
+        shift, scale = jnp.split(per_segment(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL), 2, -1)
+        return self.patch_out(modulate(layer_norm(x), shift, scale)).astype(jnp.float32)
+
+
+def make_model(cfg: DiTConfig, seed: int) -> DiT:
+    """Builds the model with sharding kept as metadata; jaxsora.sharding places the weights."""
+    with nnx.use_eager_sharding(False):
+        return DiT(cfg, rngs=nnx.Rngs(seed))

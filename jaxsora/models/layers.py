@@ -1,0 +1,91 @@
+"""Building blocks shared by the DiT and its caption encoder, with logical axis names on weights.
+
+Logical names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `patch`) say what an axis is; the config's
+rules alone say which mesh axis, if any, it is sharded over (see jaxsora/sharding.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsora.models.attention import attention
+from jaxsora.models.rope import apply_rope
+
+
+def dense(
+    din: int,
+    dout: int,
+    names: tuple[str | None, str | None],
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype,
+    *,
+    zero: bool = False,
+    use_bias: bool = True,
+) -> nnx.Linear:
+    init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        kernel_init=nnx.with_partitioning(init, names),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+    """Parameter-free LayerNorm in float32 (adaLN supplies the scale and shift)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, names: tuple[str | None]):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + 1e-6)
+        return (x32 * self.scale[...]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with QK-norm; RoPE when angles are given (self-attention)."""
+
+    def __init__(self, width: int, num_heads: int, rngs: nnx.Rngs, dtype, backend: str, kv_width: int | None = None):
+        if width % num_heads:
+            raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim, self.backend = num_heads, width // num_heads, backend
+        kv_width = kv_width or width
+        self.q = dense(width, width, ("embed", "heads"), rngs, dtype)
+        self.k = dense(kv_width, width, ("embed", "heads"), rngs, dtype)
+        self.v = dense(kv_width, width, ("embed", "heads"), rngs, dtype)
+        self.out = dense(width, width, ("heads", "embed"), rngs, dtype)
+        self.q_norm = RMSNorm(self.head_dim, ("kv",))
+        self.k_norm = RMSNorm(self.head_dim, ("kv",))
+
+    def __call__(self, x_BLD, kv_BMD, seg_q_BL, seg_kv_BM, angles_BLK2=None):
+        B, L, _ = x_BLD.shape
+        M = kv_BMD.shape[1]
+        q = self.q_norm(self.q(x_BLD).reshape(B, L, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k(kv_BMD).reshape(B, M, self.num_heads, self.head_dim))
+        v = self.v(kv_BMD).reshape(B, M, self.num_heads, self.head_dim)
+        if angles_BLK2 is not None:
+            q, k = apply_rope(q, angles_BLK2), apply_rope(k, angles_BLK2)
+        o = attention(q, k, v, seg_q_BL, seg_kv_BM, backend=self.backend)
+        return self.out(o.reshape(B, L, -1))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, width: int, hidden: int, rngs: nnx.Rngs, dtype):
+        self.fc1 = dense(width, hidden, ("embed", "mlp"), rngs, dtype)
+        self.fc2 = dense(hidden, width, ("mlp", "embed"), rngs, dtype)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
