@@ -1,0 +1,98 @@
+"""Builds a jaxsora dataset as TFDS array_record files, offline, with no TensorFlow.
+
+    python -m data_pipelines.build --dataset synthetic_clips:small --data_dir data/tfds
+    python -m data_pipelines.build --dataset sample_media --data_dir data/tfds
+    python -m data_pipelines.build --dataset video_folder --folder my_clips --data_dir data/mine
+
+Read back with `builder.as_data_source(split)` or `tfds.data_source(name, data_dir=...)` after
+importing `data_pipelines.build` (the import registers the builders).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from data_pipelines.sample_media import SampleMedia
+from data_pipelines.synthetic_clips import SyntheticClips
+from data_pipelines.video_folder import VideoFolder
+
+BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "synthetic_clips": SyntheticClips,
+    "sample_media": SampleMedia,
+    "video_folder": VideoFolder,
+}
+
+
+def make_builder(name: str, data_dir: str, **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
+    """`name` is "dataset" or "dataset:config" (or "dataset/config")."""
+    dataset, _, config = name.replace("/", ":").partition(":")
+    if dataset not in BUILDERS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}")
+    if config:
+        builder_kwargs["config"] = config
+    return BUILDERS[dataset](data_dir=os.path.abspath(data_dir), **builder_kwargs)
+
+
+def build(
+    name: str, data_dir: str, *, overwrite: bool = False, **builder_kwargs: Any
+) -> tfds.core.DatasetBuilder:
+    """Prepares `name` under `data_dir` (reusing a finished build unless `overwrite`).
+
+    `builder_kwargs` go to the builder, e.g. `folder=` for video_folder.
+    """
+    builder = make_builder(name, data_dir, **builder_kwargs)
+    mode = (
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # rebuilds the dataset itself
+        if overwrite
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+    builder.download_and_prepare(
+        # try_download_gcs=False: never look for a prebuilt copy online.
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False, download_mode=mode),
+        file_format="array_record",
+    )
+    return builder
+
+
+def summary(builder: tfds.core.DatasetBuilder, seconds: float) -> str:
+    splits = " ".join(f"{k}={v.num_examples}" for k, v in sorted(builder.info.splits.items()))
+    size = sum(
+        os.path.getsize(os.path.join(builder.data_dir, f)) for f in os.listdir(builder.data_dir)
+    )
+    return (
+        f"{builder.info.full_name}: {splits} examples, {seconds:.1f} s, "
+        f"{size / 2**20:.1f} MiB in {builder.data_dir}"
+    )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    kwargs = {"folder": f.folder} if f.folder else {}
+    start = time.perf_counter()
+    builder = build(f.dataset, f.data_dir, overwrite=f.overwrite, **kwargs)
+    print(summary(builder, time.perf_counter() - start))
+
+
+def _define_flags() -> None:
+    # Defined only when run as a script, so importing `build` never clashes with other flags.
+    from absl import flags
+
+    flags.DEFINE_string("dataset", None, f"One of {sorted(BUILDERS)}, optionally ':config'.")
+    flags.DEFINE_string("data_dir", "data/tfds", "Where TFDS writes the dataset.")
+    flags.DEFINE_string("folder", None, "Media folder, for --dataset video_folder.")
+    flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset already exists.")
+    flags.mark_flag_as_required("dataset")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,152 @@
+"""video_folder: a folder of your own videos and images, with captions, as a TFDS dataset.
+
+Why raw bytes: decoding at build time would either crash on one bad file or silently drop it.
+The builder stores every media file as it is; `jaxsora.data.media.decode_example` decodes in
+the input pipeline, where a corrupt or empty file raises `BadMediaError` naming the file and
+is skipped and counted.
+
+Captions, first match wins: a line {"file": "sub/name.mp4", "caption": "..."} in
+`<folder>/captions.jsonl` (paths relative to the folder), a sidecar `name.txt` next to the file,
+else the file stem with underscores as spaces. Subfolders are searched; hidden files skipped.
+
+    python -m data_pipelines.build --dataset video_folder --folder my_clips \
+        --data_dir data/tfds_my_clips
+
+The folder is only needed to build. Read it back with
+`tfds.data_source("video_folder", split="train", data_dir=...)`. One data_dir holds one folder:
+rebuilding from another folder into the same data_dir needs `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+VIDEO_EXTS = (".mp4", ".mov", ".webm", ".mkv", ".avi")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+CAPTIONS_FILE = "captions.jsonl"
+
+
+def media_kind(path: str) -> str | None:
+    ext = os.path.splitext(path)[1].lower()
+    return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
+
+
+def find_media(folder: str) -> list[str]:
+    """Media files under `folder`, relative posix paths, sorted so keys are stable."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and media_kind(name):
+                rel = os.path.relpath(os.path.join(root, name), folder)
+                found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def read_captions_jsonl(folder: str) -> dict[str, str]:
+    path = os.path.join(folder, CAPTIONS_FILE)
+    if not os.path.exists(path):
+        return {}
+    captions = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                captions[os.path.normpath(entry["file"]).replace(os.sep, "/")] = str(
+                    entry["caption"]
+                )
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object with 'file' and 'caption' "
+                    f'(like {{"file": "a.mp4", "caption": "a dog runs"}}), got {line.strip()!r}'
+                ) from e
+    return captions
+
+
+def caption_for(folder: str, rel: str, captions: dict[str, str]) -> str:
+    if rel in captions:
+        return captions[rel]
+    sidecar = os.path.join(folder, os.path.splitext(rel)[0] + ".txt")
+    if os.path.exists(sidecar):
+        with open(sidecar, encoding="utf-8") as f:
+            if text := f.read().strip():
+                return text
+    return os.path.splitext(os.path.basename(rel))[0].replace("_", " ").strip()
+
+
+class VideoFolder(tfds.core.GeneratorBasedBuilder):
+    """User media from a folder, stored undecoded with a caption per file."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+
+    def __init__(
+        self, *, folder: str | None = None, file_format: str | None = "array_record", **kwargs
+    ):
+        # array_record: random access through `as_data_source`, with no TensorFlow.
+        super().__init__(file_format=file_format, **kwargs)
+        self._folder = os.path.abspath(os.path.expanduser(folder)) if folder else None
+        self._original_state["folder"] = folder  # survives pickling, like the other args
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    # np.object_ scalar: variable-length bytes, stored as-is, read back as bytes.
+                    "media": tfds.features.Tensor(shape=(), dtype=np.object_),
+                    "media_kind": tfds.features.Text(),
+                    "caption": tfds.features.Text(),
+                    "path": tfds.features.Text(),
+                }
+            ),
+            disable_shuffling=True,  # record i is the i-th file in sorted order
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # the media is local
+        if not self._folder:
+            raise ValueError(
+                "video_folder needs the media folder to build: pass VideoFolder(folder=...), "
+                "tfds.builder('video_folder', folder=...) or --folder to data_pipelines.build"
+            )
+        if not os.path.isdir(self._folder):
+            raise FileNotFoundError(f"video_folder: {self._folder} is not a directory")
+        files = find_media(self._folder)
+        if not files:
+            raise ValueError(
+                f"video_folder: no media in {self._folder}; expected files ending in "
+                f"{', '.join(VIDEO_EXTS + IMAGE_EXTS)}"
+            )
+        return {"train": self._generate_examples(files)}
+
+    def _generate_examples(self, files: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+        captions = read_captions_jsonl(self._folder)
+        if unknown := sorted(set(captions) - set(files)):
+            logging.warning(
+                "%s names %d files not in the folder, e.g. %s",
+                CAPTIONS_FILE,
+                len(unknown),
+                unknown[:3],
+            )
+        for key, rel in enumerate(files):
+            path = os.path.join(self._folder, rel)
+            with open(path, "rb") as f:
+                data = f.read()
+            yield (
+                key,
+                {
+                    "media": data,
+                    "media_kind": media_kind(rel),
+                    "caption": caption_for(self._folder, rel, captions),
+                    "path": path,
+                },
+            )
