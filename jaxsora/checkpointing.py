@@ -46,13 +46,18 @@ class Checkpointer:
             ),
         )
 
+    def saved_config(self, step: int) -> dict:
+        """The config the run had when it wrote `step` (JSON, as saved)."""
+        saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return saved["config"]
+
     def restore(self, step: int, abstract_state: Any, model_config: dict) -> tuple[Any, dict]:
         """State restored onto the shardings in `abstract_state`, and the data iterator state.
 
         Fails with a message naming the field when the checkpoint's model config differs.
         """
-        saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        check_model_config(saved["config"].get("model", {}), model_config, self.directory, step)
+        saved_model = self.saved_config(step).get("model", {})
+        check_model_config(saved_model, model_config, self.directory, step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging as pylogging
 import os
 import time
 
@@ -310,17 +311,27 @@ def _memory_summary(compiled) -> str:
         return f"unavailable ({e})"
 
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].", lock_config=False)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard events.")
-
-
 def main(argv):
     del argv
+    FLAGS = flags.FLAGS
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
+    quiet_orbax_info_logs()
     train(FLAGS.config, FLAGS.workdir)
 
 
+def quiet_orbax_info_logs() -> None:
+    """Orbax logs a dozen INFO lines per save through absl; keep its warnings, drop the chatter."""
+
+    def keep(record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+    pylogging.getLogger("absl").addFilter(keep)
+
+
 if __name__ == "__main__":
+    # Flags live here, not at import time, so other entry points can import this module.
+    config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
+                                    lock_config=False)
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard events.")
     app.run(main)

@@ -1,0 +1,48 @@
+# The README's two set-up commands are `make train` and `make test`; each works as the first
+# command on a fresh clone (every target that needs the virtual environment depends on it).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA_DIR := data/tfds
+WORKDIR ?= runs/default
+CONFIG ?= experiments/tiny.py
+SAMPLES ?= experiments/samples_tiny.jsonl
+
+.PHONY: install data train sample test lint bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,torch]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DATA_DIR)/.built: $(VENV)/.installed $(wildcard data_pipelines/*/*.py)
+	$(PY) -m data_pipelines.build --dataset synthetic_clips --data_dir $(DATA_DIR)
+	$(PY) -m data_pipelines.build --dataset sample_media --data_dir $(DATA_DIR)
+	touch $@
+
+data: $(DATA_DIR)/.built
+
+train: data
+	$(PY) -m jaxsora.train --config $(CONFIG) --workdir $(WORKDIR)
+	$(MAKE) sample
+
+sample: install
+	$(PY) -m jaxsora.sample --workdir $(WORKDIR) --requests $(SAMPLES)
+
+test: install
+	$(PY) -m pytest -n 2 --durations=15
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: data
+	$(PY) -m benchmarks.packing_efficiency --data_dir $(DATA_DIR)
+	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.torch_peer
+
+clean:
+	rm -rf $(VENV) data runs

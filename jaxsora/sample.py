@@ -1,0 +1,186 @@
+"""Generates videos and images of any size from a trained run, several requests per forward pass.
+
+    python -m jaxsora.sample --workdir runs/default --prompt "a red circle moving left on a blue
+        background" --frames 8 --height 32 --width 56 --out runs/default/samples/clip
+    python -m jaxsora.sample --workdir runs/default --requests experiments/samples_tiny.jsonl
+
+Each request becomes one segment of noise patches arranged in its own T x H x W grid; requests of
+different sizes are packed together, and every segment follows its own resolution-shifted time
+schedule. Classifier-free guidance runs the conditional and unconditional passes as one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from jaxsora import train as trainer
+from jaxsora.checkpointing import Checkpointer
+from jaxsora.compression import make_stage
+from jaxsora.data import packing, video
+from jaxsora.data.media import write_video_outputs
+from jaxsora.diffusion import flow
+from jaxsora.models.dit import DiT
+from jaxsora.models.tokenizer import tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt: str
+    frames: int
+    height: int
+    width: int
+    name: str = "sample"
+    seed: int = 0
+
+
+def request_grid(req: Request, config) -> tuple[int, int, int]:
+    """Patch grid of a request; sizes must be whole patches, or the error says which to use."""
+    stage = make_stage(config.model.compression)
+    pt, ph, pw = config.model.patch
+    unit = (pt * stage.temporal_factor, ph * stage.spatial_factor, pw * stage.spatial_factor)
+    for field, value, u in zip(("frames", "height", "width"), (req.frames, req.height, req.width),
+                               unit, strict=True):
+        if value < u or value % u:
+            raise ValueError(f"request {req.name!r}: {field}={value} must be a positive multiple "
+                             f"of {u} (the patch size of this model); try {max(u, value // u * u)}")
+    return req.frames // unit[0], req.height // unit[1], req.width // unit[2]
+
+
+def request_example(req: Request, config, patch_dim: int) -> packing.Example:
+    grid = request_grid(req, config)
+    positions = np.stack(np.meshgrid(*(np.arange(n) for n in grid), indexing="ij"), -1)
+    positions = positions.reshape(-1, 3).astype(np.int32)
+    noise = np.random.default_rng([req.seed, 0x5EED]).standard_normal((len(positions), patch_dim))
+    ids, mask = tokenize(req.prompt, config.model.text_len, config.model.text_vocab)
+    return {"patches": noise.astype(np.float32), "positions": positions,
+            "grid": np.asarray(grid, np.int32), "text_ids": ids, "text_mask": mask}
+
+
+def generate(model: DiT, config, requests: list[Request], *, steps: int, guidance: float,
+             seq_len: int | None = None) -> list[np.ndarray]:
+    """Pixels in [0, 1], [T, H, W, 3] per request, in request order."""
+    stage = make_stage(config.model.compression)
+    patch_dim = model.cfg.patch_dim
+    examples = [request_example(r, config, patch_dim) for r in requests]
+    sizes = [ex["patches"].shape[0] for ex in examples]
+    seq_len = max([seq_len or config.sample.seq_len, *sizes])
+    shape = packing.PackShape(seq_len, config.data.max_segments, patch_dim, config.model.text_len)
+    bins = packing.first_fit_decreasing(sizes, shape.seq_len, shape.max_segments)
+    batch = packing.stack_packs([packing.build_pack([examples[i] for i in b], shape) for b in bins])
+    x = denoise(model, {k: jnp.asarray(v) for k, v in batch.items()},
+                float(config.flow.base_tokens), steps, guidance)
+    x = np.asarray(x)
+    out: list[np.ndarray] = [None] * len(requests)  # type: ignore[list-item]
+    for p, b in enumerate(bins):
+        for k, i in enumerate(b):
+            tokens = x[p][batch["segment_ids"][p] == k + 1]
+            latents = video.unpatchify(tokens, tuple(examples[i]["grid"]), tuple(config.model.patch))
+            out[i] = stage.to_pixels(latents)
+    return out
+
+
+@nnx.jit(static_argnums=(2, 3, 4))
+def denoise(model: DiT, batch: dict, base_tokens: float, steps: int, guidance: float) -> jax.Array:
+    seg, text_ids, text_mask = batch["segment_ids"], batch["text_ids"], batch["text_mask"]
+    null_mask = trainer.null_text_mask(text_mask)
+    null_ids = trainer.null_text_ids(text_ids)
+    both = lambda a, b: jnp.concatenate([a, b], axis=0)
+
+    def velocity(x, t_BS):
+        v = model(both(x, x), both(t_BS, t_BS), both(seg, seg),
+                   both(batch["positions"], batch["positions"]), both(text_ids, null_ids),
+                   both(text_mask, null_mask))
+        v_cond, v_uncond = jnp.split(v, 2, axis=0)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    shift = flow.resolution_shift(batch["grid"], base_tokens)
+    return flow.euler_sample(velocity, batch["tokens"], seg, shift, steps)
+
+
+def load_run(workdir: str, use_ema: bool = True) -> tuple[DiT, ml_collections.ConfigDict]:
+    """The model of the latest checkpoint in `workdir` (EMA weights by default) and its config."""
+    ckpt = Checkpointer(workdir)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
+                                f"`python -m jaxsora.train --config ... --workdir {workdir}`")
+    config = ml_collections.ConfigDict(ckpt.saved_config(step))
+    cfg = trainer.dit_config(config)
+    tx = trainer.make_optimizer(config.optim, config.total_steps)
+    abstract = nnx.eval_shape(lambda: trainer.TrainState(
+        trainer.make_model(cfg, config.seed), tx, config.seed))
+    graphdef, abstract_state = nnx.split(abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract_state.to_pure_dict())
+    restored, _ = ckpt.restore(step, target, config.model.to_dict())
+    ckpt.close()
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    state = nnx.merge(graphdef, abstract_state)
+    logging.info("loaded %s weights from step %d of %s", "EMA" if use_ema else "raw", step, workdir)
+    return (state.ema if use_ema else state.model), config
+
+
+def read_requests(path: str) -> list[Request]:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        return [Request(**row) for row in rows]
+    except TypeError as e:
+        raise ValueError(f"{path}: each line needs prompt, frames, height, width and optionally "
+                         f"name and seed ({e})") from e
+
+
+def main(argv):
+    del argv
+    FLAGS = flags.FLAGS
+    trainer.quiet_orbax_info_logs()
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    if FLAGS.requests:
+        requests = read_requests(FLAGS.requests)
+        out_dir = FLAGS.out_dir or os.path.join(FLAGS.workdir, "samples")
+        outs = [os.path.join(out_dir, r.name) for r in requests]
+    elif FLAGS.prompt:
+        requests = [Request(FLAGS.prompt, FLAGS.frames, FLAGS.height, FLAGS.width, seed=FLAGS.seed)]
+        outs = [FLAGS.out or os.path.join(FLAGS.workdir, "samples", "sample")]
+    else:
+        raise app.UsageError("give --prompt (one request) or --requests FILE.jsonl")
+    model, config = load_run(FLAGS.workdir, FLAGS.ema)
+    for r in requests:
+        request_grid(r, config)  # bad sizes fail before anything is compiled
+    videos = generate(model, config, requests, steps=FLAGS.steps or config.sample.steps,
+                      guidance=config.sample.guidance if FLAGS.guidance is None else FLAGS.guidance)
+    for r, v, out in zip(requests, videos, outs, strict=True):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        paths = write_video_outputs(v, out)
+        logging.info("%s (%dx%dx%d): %s", r.prompt, r.frames, r.height, r.width, paths)
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Run directory with checkpoints.")
+    flags.DEFINE_string("prompt", None, "Caption of the single video to generate.")
+    flags.DEFINE_integer("frames", 1, "Frames of the single request (1 = an image).")
+    flags.DEFINE_integer("height", 32, "Height in pixels of the single request.")
+    flags.DEFINE_integer("width", 32, "Width in pixels of the single request.")
+    flags.DEFINE_string("out", None, "Output path (stem) of the single request: writes .mp4 .gif .png")
+    flags.DEFINE_string("requests", None, "JSON-lines file of requests, all generated in one pass.")
+    flags.DEFINE_string("out_dir", None, "Where --requests outputs go (default WORKDIR/samples).")
+    flags.DEFINE_integer("steps", None, "Euler steps (default: the run's config.sample.steps).")
+    flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default from config).")
+    flags.DEFINE_integer("seed", 0, "Noise seed of the single request.")
+    flags.DEFINE_bool("ema", True, "Use the EMA weights.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
