@@ -5,6 +5,8 @@
 Variants (comma-separated after a colon, big_vision style):
   runlocal   a few steps of an even smaller model, for tests and smoke runs (under a minute)
   steps=N    train for N steps
+  source=X   train on TFDS dataset X alone (e.g. synthetic_clips/small, video_folder)
+  mix        add the bundled real videos and photos (sample_media) at 10% to the synthetic clips
 """
 
 import ml_collections
@@ -26,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1500
+    c.stop_after = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0 = never
     c.batch_size = 4  # packs per step, over all processes
     c.log_every = 25
     c.checkpoint_every = 500
@@ -84,6 +87,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.guidance = 3.0
     c.sample.seq_len = 512
 
+    if "source" in args:
+        c.data.sources = [dict(name=args["source"], weight=1.0)]
+    if "mix" in args:
+        c.data.sources = [dict(name="synthetic_clips", weight=0.9),
+                          dict(name="sample_media", weight=0.1)]
     if "steps" in args:
         c.total_steps = int(args["steps"])
     if "runlocal" in args:
@@ -91,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every = 2
         c.checkpoint_every = 3
         c.batch_size = 2
-        c.model.width, c.model.depth, c.model.num_heads = 22, 2, 2
+        c.model.width, c.model.depth, c.model.num_heads = 32, 2, 2
         c.model.text_width, c.model.text_depth = 32, 1
         c.data.seq_len, c.data.max_tokens, c.data.min_tokens = 256, 128, 16
         c.data.buffer_size = 16

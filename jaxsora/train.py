@@ -221,19 +221,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     interval = _Interval()
     last: dict = {}
     pending = None  # metrics of the step in flight: read one step late so the host never waits
-    for step in range(start + 1, config.total_steps + 1):
+    end = min(config.total_steps, config.stop_after or config.total_steps)
+    for step in range(start + 1, end + 1):
         batch = next(batches)
         interval.add_batch(batch)
         state, metrics = compiled(state, pipeline.to_global(batch, mesh, rules))
         if pending is not None:
             interval.add_metrics(_check_finite(*pending))
         pending = (step, metrics)
-        if step % config.log_every == 0 or step == config.total_steps:
+        if step % config.log_every == 0 or step == end:
             interval.add_metrics(_check_finite(*pending))
             pending = None
             last = interval.summary(step_flops, peak, mesh.size, batches.packer.skipped)
             writer.write(step, last)
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
+        if step % config.checkpoint_every == 0 or step == end:
             ckpt.save(step, state.to_pure_dict(), batches.get_state(),
                       config.to_json())
     ckpt.wait()

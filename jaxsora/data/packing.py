@@ -142,6 +142,11 @@ class OnlinePacker:
         self._kept: dict[int, Example] = {}
         self.skipped = 0  # examples that example_at rejected, over the packer's lifetime
 
+    @property
+    def examples_read(self) -> int:
+        """Stream indices read so far (good or skipped), for error-budget fractions."""
+        return max(self._state["next_index"], self._round_end[0])
+
     def get_state(self) -> dict:
         return {
             "next_index": self._state["next_index"],

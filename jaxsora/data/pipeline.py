@@ -81,7 +81,7 @@ def open_sources(data_dir: str, sources: list[dict], split: str, seed: int) -> g
     for i, src in enumerate(sources):
         name = src["name"]
         try:
-            records = tfds.data_source(name, split=split, data_dir=data_dir)
+            records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # TFDS raises several kinds when a dataset was never built
             raise FileNotFoundError(
                 f"dataset {name!r} (split {split!r}) not found under data_dir={data_dir!r}: {e}. "
@@ -127,7 +127,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         return batch
 
     def _check_error_budget(self) -> None:
-        seen = self.packer.get_state()["next_index"]
+        seen = self.packer.examples_read
         bad = self.packer.skipped
         if bad > max(self._min_bad_allowed, self._max_bad_fraction * seen):
             raise RuntimeError(

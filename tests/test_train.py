@@ -1,0 +1,98 @@
+"""Training end to end: loss falls, resume in a fresh process is bitwise exact, bad configs fail
+early, a checkpoint from another model is refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsora import train as trainer
+from jaxsora.checkpointing import CheckpointMismatchError
+from jaxsora.sample import load_run
+from tests.conftest import runlocal_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(workdir, data_dir, *overrides):
+    """The real CLI in a fresh process, as a user (or a preempted job's restart) runs it."""
+    cmd = [sys.executable, "-m", "jaxsora.train",
+           "--config", "experiments/tiny.py:runlocal,steps=6,source=synthetic_clips/small",
+           f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", "--config.log_every=1",
+           *overrides]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+@pytest.mark.slow
+def test_resume_in_a_fresh_process_matches_the_uninterrupted_run_bitwise(data_dir, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_train(straight, data_dir)
+    run_train(resumed, data_dir, "--config.stop_after=3")
+    assert sorted(losses(resumed)) == [1, 2, 3]
+    second = run_train(resumed, data_dir)
+    assert "resumed from" in second.stderr
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert a[step] == b[step], f"step {step}: {a[step]!r} != {b[step]!r}"
+    for use_ema in (False, True):
+        (m1, _), (m2, _) = load_run(straight, use_ema), load_run(resumed, use_ema)
+        from flax import nnx
+
+        for x, y in zip(jax.tree.leaves(nnx.state(m1)), jax.tree.leaves(nnx.state(m2)), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_loss_falls_on_synthetic_clips(data_dir, tmp_path):
+    config = runlocal_config(data_dir, "runlocal,steps=40")
+    config.log_every = 1
+    config.checkpoint_every = 1000
+    config.optim.warmup_steps = 5
+    config.optim.lr = 3e-3
+    trainer.train(config, str(tmp_path))
+    by_step = losses(str(tmp_path))
+    first = np.mean([by_step[s] for s in range(1, 6)])
+    last = np.mean([by_step[s] for s in range(36, 41)])
+    assert last < 0.75 * first, by_step
+
+
+def test_bad_config_fails_before_compilation_naming_the_field(data_dir, tmp_path):
+    config = runlocal_config(data_dir)
+    config.data.max_tokens = config.data.seq_len + 1
+    with pytest.raises(ValueError, match="data.max_tokens"):
+        trainer.train(config, str(tmp_path))
+    config = runlocal_config(data_dir)
+    config.model.num_heads = 3
+    with pytest.raises(ValueError, match="model.width"):
+        trainer.train(config, str(tmp_path))
+    config = runlocal_config(data_dir)
+    config.mesh = dict(data=3, fsdp=1, context=1, tensor=1)
+    with pytest.raises(ValueError, match="mesh"):
+        trainer.train(config, str(tmp_path))
+
+
+def test_checkpoint_of_another_model_is_refused_with_the_field(data_dir, tmp_path):
+    config = runlocal_config(data_dir, "runlocal,steps=2")
+    trainer.train(config, str(tmp_path))
+    config = runlocal_config(data_dir, "runlocal,steps=4")
+    config.model.depth = 3
+    with pytest.raises(CheckpointMismatchError, match="model.depth"):
+        trainer.train(config, str(tmp_path))
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_error(data_dir, tmp_path):
+    config = runlocal_config(data_dir, "runlocal,steps=3")
+    config.optim.lr = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.train(config, str(tmp_path))
