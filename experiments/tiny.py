@@ -90,8 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "source" in args:
         c.data.sources = [dict(name=args["source"], weight=1.0)]
     if "mix" in args:
-        c.data.sources = [dict(name="synthetic_clips", weight=0.9),
-                          dict(name="sample_media", weight=0.1)]
+        c.data.sources = [
+            dict(name="synthetic_clips", weight=0.9),
+            dict(name="sample_media", weight=0.1),
+        ]
     if "steps" in args:
         c.total_steps = int(args["steps"])
     if "runlocal" in args:

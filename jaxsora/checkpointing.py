@@ -87,6 +87,4 @@ def check_model_config(saved: dict, current: dict, directory: str, step: int) ->
 
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs with each leaf's sharding: the restore target for any mesh."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -15,8 +15,16 @@ import jax.numpy as jnp
 from jaxsora.models.dit import DiTConfig
 
 # bf16 dense peak per chip, for accelerators where a matmul probe is not what users quote.
-KNOWN_PEAKS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
+KNOWN_PEAKS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
 
 
 def forward_flops(cfg: DiTConfig, batch: int, seq_len: int, max_segments: int) -> float:

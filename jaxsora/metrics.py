@@ -22,7 +22,7 @@ class MetricsWriter:
 
             os.makedirs(workdir, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self._active:

@@ -47,11 +47,14 @@ def request_grid(req: Request, config) -> tuple[int, int, int]:
     stage = make_stage(config.model.compression)
     pt, ph, pw = config.model.patch
     unit = (pt * stage.temporal_factor, ph * stage.spatial_factor, pw * stage.spatial_factor)
-    for field, value, u in zip(("frames", "height", "width"), (req.frames, req.height, req.width),
-                               unit, strict=True):
+    for field, value, u in zip(
+        ("frames", "height", "width"), (req.frames, req.height, req.width), unit, strict=True
+    ):
         if value < u or value % u:
-            raise ValueError(f"request {req.name!r}: {field}={value} must be a positive multiple "
-                             f"of {u} (the patch size of this model); try {max(u, value // u * u)}")
+            raise ValueError(
+                f"request {req.name!r}: {field}={value} must be a positive multiple "
+                f"of {u} (the patch size of this model); try {max(u, value // u * u)}"
+            )
     return req.frames // unit[0], req.height // unit[1], req.width // unit[2]
 
 
@@ -61,12 +64,24 @@ def request_example(req: Request, config, patch_dim: int) -> packing.Example:
     positions = positions.reshape(-1, 3).astype(np.int32)
     noise = np.random.default_rng([req.seed, 0x5EED]).standard_normal((len(positions), patch_dim))
     ids, mask = tokenize(req.prompt, config.model.text_len, config.model.text_vocab)
-    return {"patches": noise.astype(np.float32), "positions": positions,
-            "grid": np.asarray(grid, np.int32), "text_ids": ids, "text_mask": mask}
+    return {
+        "patches": noise.astype(np.float32),
+        "positions": positions,
+        "grid": np.asarray(grid, np.int32),
+        "text_ids": ids,
+        "text_mask": mask,
+    }
 
 
-def generate(model: DiT, config, requests: list[Request], *, steps: int, guidance: float,
-             seq_len: int | None = None) -> list[np.ndarray]:
+def generate(
+    model: DiT,
+    config,
+    requests: list[Request],
+    *,
+    steps: int,
+    guidance: float,
+    seq_len: int | None = None,
+) -> list[np.ndarray]:
     """Pixels in [0, 1], [T, H, W, 3] per request, in request order."""
     stage = make_stage(config.model.compression)
     patch_dim = model.cfg.patch_dim
@@ -76,14 +91,21 @@ def generate(model: DiT, config, requests: list[Request], *, steps: int, guidanc
     shape = packing.PackShape(seq_len, config.data.max_segments, patch_dim, config.model.text_len)
     bins = packing.first_fit_decreasing(sizes, shape.seq_len, shape.max_segments)
     batch = packing.stack_packs([packing.build_pack([examples[i] for i in b], shape) for b in bins])
-    x = denoise(model, {k: jnp.asarray(v) for k, v in batch.items()},
-                float(config.flow.base_tokens), steps, guidance)
+    x = denoise(
+        model,
+        {k: jnp.asarray(v) for k, v in batch.items()},
+        float(config.flow.base_tokens),
+        steps,
+        guidance,
+    )
     x = np.asarray(x)
     out: list[np.ndarray] = [None] * len(requests)  # type: ignore[list-item]
     for p, b in enumerate(bins):
         for k, i in enumerate(b):
             tokens = x[p][batch["segment_ids"][p] == k + 1]
-            latents = video.unpatchify(tokens, tuple(examples[i]["grid"]), tuple(config.model.patch))
+            latents = video.unpatchify(
+                tokens, tuple(examples[i]["grid"]), tuple(config.model.patch)
+            )
             out[i] = stage.to_pixels(latents)
     return out
 
@@ -96,9 +118,14 @@ def denoise(model: DiT, batch: dict, base_tokens: float, steps: int, guidance: f
     both = lambda a, b: jnp.concatenate([a, b], axis=0)
 
     def velocity(x, t_BS):
-        v = model(both(x, x), both(t_BS, t_BS), both(seg, seg),
-                   both(batch["positions"], batch["positions"]), both(text_ids, null_ids),
-                   both(text_mask, null_mask))
+        v = model(
+            both(x, x),
+            both(t_BS, t_BS),
+            both(seg, seg),
+            both(batch["positions"], batch["positions"]),
+            both(text_ids, null_ids),
+            both(text_mask, null_mask),
+        )
         v_cond, v_uncond = jnp.split(v, 2, axis=0)
         return v_uncond + guidance * (v_cond - v_uncond)
 
@@ -111,17 +138,22 @@ def load_run(workdir: str, use_ema: bool = True) -> tuple[DiT, ml_collections.Co
     ckpt = Checkpointer(workdir)
     step = ckpt.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
-                                f"`python -m jaxsora.train --config ... --workdir {workdir}`")
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt.directory}; train first with "
+            f"`python -m jaxsora.train --config ... --workdir {workdir}`"
+        )
     config = ml_collections.ConfigDict(ckpt.saved_config(step))
     cfg = trainer.dit_config(config)
     tx = trainer.make_optimizer(config.optim, config.total_steps)
-    abstract = nnx.eval_shape(lambda: trainer.TrainState(
-        trainer.make_model(cfg, config.seed), tx, config.seed))
+    abstract = nnx.eval_shape(
+        lambda: trainer.TrainState(trainer.make_model(cfg, config.seed), tx, config.seed)
+    )
     graphdef, abstract_state = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract_state.to_pure_dict())
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        abstract_state.to_pure_dict(),
+    )
     restored, _ = ckpt.restore(step, target, config.model.to_dict())
     ckpt.close()
     nnx.replace_by_pure_dict(abstract_state, restored)
@@ -136,8 +168,10 @@ def read_requests(path: str) -> list[Request]:
     try:
         return [Request(**row) for row in rows]
     except TypeError as e:
-        raise ValueError(f"{path}: each line needs prompt, frames, height, width and optionally "
-                         f"name and seed ({e})") from e
+        raise ValueError(
+            f"{path}: each line needs prompt, frames, height, width and optionally "
+            f"name and seed ({e})"
+        ) from e
 
 
 def main(argv):
@@ -158,8 +192,13 @@ def main(argv):
     model, config = load_run(FLAGS.workdir, FLAGS.ema)
     for r in requests:
         request_grid(r, config)  # bad sizes fail before anything is compiled
-    videos = generate(model, config, requests, steps=FLAGS.steps or config.sample.steps,
-                      guidance=config.sample.guidance if FLAGS.guidance is None else FLAGS.guidance)
+    videos = generate(
+        model,
+        config,
+        requests,
+        steps=FLAGS.steps or config.sample.steps,
+        guidance=config.sample.guidance if FLAGS.guidance is None else FLAGS.guidance,
+    )
     for r, v, out in zip(requests, videos, outs, strict=True):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         paths = write_video_outputs(v, out)
@@ -172,7 +211,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("frames", 1, "Frames of the single request (1 = an image).")
     flags.DEFINE_integer("height", 32, "Height in pixels of the single request.")
     flags.DEFINE_integer("width", 32, "Width in pixels of the single request.")
-    flags.DEFINE_string("out", None, "Output path (stem) of the single request: writes .mp4 .gif .png")
+    flags.DEFINE_string(
+        "out", None, "Output path (stem) of the single request: writes .mp4 .gif .png"
+    )
     flags.DEFINE_string("requests", None, "JSON-lines file of requests, all generated in one pass.")
     flags.DEFINE_string("out_dir", None, "Where --requests outputs go (default WORKDIR/samples).")
     flags.DEFINE_integer("steps", None, "Euler steps (default: the run's config.sample.steps).")

@@ -46,7 +46,9 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     known = math.prod(s for s in shape if s != -1)
     if free:
         if num_devices % known:
-            raise ValueError(f"config mesh={sizes}: {num_devices} devices are not divisible by {known}")
+            raise ValueError(
+                f"config mesh={sizes}: {num_devices} devices are not divisible by {known}"
+            )
         shape[free[0]] = num_devices // known
     if math.prod(shape) != num_devices:
         raise ValueError(
@@ -64,7 +66,9 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
     )
 
 
-def logical_to_mesh(spec: Sequence[str | None], rules: Sequence[tuple[str, object]]) -> PartitionSpec:
+def logical_to_mesh(
+    spec: Sequence[str | None], rules: Sequence[tuple[str, object]]
+) -> PartitionSpec:
     """('embed', 'mlp') -> PartitionSpec('fsdp', 'tensor') under the rules; unknown names fail."""
     table = dict(rules)
     out, used = [], set()
@@ -93,7 +97,9 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
         shape = getattr(leaf, "shape", ())
         pspec = logical_to_mesh(tuple(spec) if spec is not None else (), rules)
         fixed = []
-        for dim, axes in zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec)), strict=False):
+        for dim, axes in zip(
+            shape, tuple(pspec) + (None,) * (len(shape) - len(pspec)), strict=False
+        ):
             names = axes if isinstance(axes, tuple) else ((axes,) if axes else ())
             size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
             fixed.append(axes if dim % size == 0 else None)

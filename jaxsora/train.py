@@ -51,15 +51,25 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
     pt, ph, pw = m.patch
     stage = make_stage(m.compression)
     return DiTConfig(
-        patch_dim=pt * ph * pw * stage.channels, width=m.width, depth=m.depth,
-        num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, text_vocab=m.text_vocab,
-        text_len=m.text_len, text_width=m.text_width, text_depth=m.text_depth,
-        text_heads=m.text_heads, dtype=m.dtype, attention=m.attention)
+        patch_dim=pt * ph * pw * stage.channels,
+        width=m.width,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        text_vocab=m.text_vocab,
+        text_len=m.text_len,
+        text_width=m.text_width,
+        text_depth=m.text_depth,
+        text_heads=m.text_heads,
+        dtype=m.dtype,
+        attention=m.attention,
+    )
 
 
 def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, o.lr, o.warmup_steps, max(total_steps, o.warmup_steps + 1), end_value=0.1 * o.lr)
+        0.0, o.lr, o.warmup_steps, max(total_steps, o.warmup_steps + 1), end_value=0.1 * o.lr
+    )
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
         optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
@@ -70,15 +80,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Errors a user can cause, raised before anything is compiled."""
     d, m = config.data, config.model
     checks = [
-        (d.max_tokens <= d.seq_len, "data.max_tokens must be <= data.seq_len (an example must "
-         "fit in one pack)"),
+        (
+            d.max_tokens <= d.seq_len,
+            "data.max_tokens must be <= data.seq_len (an example must fit in one pack)",
+        ),
         (1 <= d.min_tokens <= d.max_tokens, "data.min_tokens must be in [1, data.max_tokens]"),
         (d.max_segments >= 1, "data.max_segments must be >= 1"),
         (m.width % m.num_heads == 0, "model.width must be divisible by model.num_heads"),
         ((m.width // m.num_heads) % 2 == 0, "model.width / model.num_heads must be even (RoPE)"),
         (len(m.patch) == 3, "model.patch must be (p_t, p_h, p_w)"),
-        (config.flow.loss_weighting in ("segment", "token"),
-         "flow.loss_weighting must be 'segment' or 'token'"),
+        (
+            config.flow.loss_weighting in ("segment", "token"),
+            "flow.loss_weighting must be 'segment' or 'token'",
+        ),
         (m.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
         (config.batch_size >= 1, "batch_size must be >= 1"),
         (0.0 <= config.flow.caption_dropout < 1.0, "flow.caption_dropout must be in [0, 1)"),
@@ -122,10 +136,13 @@ def loss_and_metrics(model: DiT, batch: dict, key: jax.Array, config) -> tuple[j
     x_t = flow.add_noise(x0, noise, flow.per_segment(t_BS, seg))
     x_t = jnp.where(batch["cond_mask"][..., None], x0, x_t)
     drop_BS = jax.random.bernoulli(k_drop, f.caption_dropout, (B, S))
-    text_mask = jnp.where(drop_BS[..., None], null_text_mask(batch["text_mask"]), batch["text_mask"])
+    text_mask = jnp.where(
+        drop_BS[..., None], null_text_mask(batch["text_mask"]), batch["text_mask"]
+    )
     pred = model(x_t, t_BS, seg, batch["positions"], batch["text_ids"], text_mask)
-    return flow.packed_loss(pred, flow.velocity(x0, noise), seg, batch["cond_mask"],
-                            S, f.loss_weighting)
+    return flow.packed_loss(
+        pred, flow.velocity(x0, noise), seg, batch["cond_mask"], S, f.loss_weighting
+    )
 
 
 def null_text_mask(text_mask: jax.Array) -> jax.Array:
@@ -141,7 +158,8 @@ def train_step(state: TrainState, batch: dict, config) -> dict:
     step = state.step[...]
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng[...]), step)
     grad_fn = nnx.value_and_grad(
-        functools.partial(loss_and_metrics, batch=batch, key=key, config=config), has_aux=True)
+        functools.partial(loss_and_metrics, batch=batch, key=key, config=config), has_aux=True
+    )
     (loss, aux), grads = grad_fn(state.model)
     state.optimizer.update(state.model, grads)
     decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
@@ -171,52 +189,61 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config.data.data_dir = os.path.abspath(config.data.data_dir)
     stage = make_stage(config.model.compression)
 
-    # ----------------------------------------------------------------------------- mesh
+    # --------------------------------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = tuple(tuple(r) for r in config.sharding_rules)
     dp = sharding.data_parallel_size(mesh, rules)
     if config.batch_size % dp:
-        raise ValueError(f"bad config: batch_size={config.batch_size} must be divisible by the "
-                         f"{dp} data-parallel devices of mesh {dict(mesh.shape)}")
-    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
-                 jax.devices()[0].device_kind)
+        raise ValueError(
+            f"bad config: batch_size={config.batch_size} must be divisible by the "
+            f"{dp} data-parallel devices of mesh {dict(mesh.shape)}"
+        )
+    logging.info(
+        "mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind
+    )
 
     # ----------------------------------------------------------------------------- input pipeline
     batches = pipeline.make_batches(config, stage)
 
-    # ----------------------------------------------------------------------------- model and optimizer
+    # ------------------------------------------------------------------------ model and optimizer
     state_module = create_train_state(config, mesh, rules)
     graphdef, state = nnx.split(state_module)
     del state_module
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state).model, nnx.Param)))
+    n_params = sum(
+        x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state).model, nnx.Param))
+    )
     logging.info("model: %.2fM parameters", n_params / 1e6)
 
-    # ----------------------------------------------------------------------------- checkpoint
+    # --------------------------------------------------------------------------------- checkpoint
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-        restored, data_state = ckpt.restore(start, checkpoint_target(state),
-                                            config.model.to_dict())
+        restored, data_state = ckpt.restore(start, checkpoint_target(state), config.model.to_dict())
         nnx.replace_by_pure_dict(state, restored)
         batches.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
     start = start or 0
 
-    # ----------------------------------------------------------------------------- step (AOT)
+    # --------------------------------------------------------------------------------- step (AOT)
     step_fn = make_step_fn(graphdef, config)
     example = pipeline.to_global(_peek(batches), mesh, rules)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step_fn.lower(state, example).compile()
-    logging.info("compiled the train step in %.1fs; memory: %s", time.perf_counter() - t0,
-                 _memory_summary(compiled))
-    step_flops = flops.train_step_flops(dit_config(config), config.batch_size,
-                                        config.data.seq_len, config.data.max_segments)
+    logging.info(
+        "compiled the train step in %.1fs; memory: %s",
+        time.perf_counter() - t0,
+        _memory_summary(compiled),
+    )
+    step_flops = flops.train_step_flops(
+        dit_config(config), config.batch_size, config.data.seq_len, config.data.max_segments
+    )
     peak, peak_source = flops.device_peak(config.peak_flops_per_device)
-    logging.info("train step: %.3g FLOPs; peak %.3g FLOP/s per device (%s)", step_flops, peak,
-                 peak_source)
+    logging.info(
+        "train step: %.3g FLOPs; peak %.3g FLOP/s per device (%s)", step_flops, peak, peak_source
+    )
 
-    # ----------------------------------------------------------------------------- loop
+    # --------------------------------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, config.total_steps)
     interval = _Interval()
     last: dict = {}
@@ -235,8 +262,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             last = interval.summary(step_flops, peak, mesh.size, batches.packer.skipped)
             writer.write(step, last)
         if step % config.checkpoint_every == 0 or step == end:
-            ckpt.save(step, state.to_pure_dict(), batches.get_state(),
-                      config.to_json())
+            ckpt.save(step, state.to_pure_dict(), batches.get_state(), config.to_json())
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -244,8 +270,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def checkpoint_target(state) -> dict:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        state.to_pure_dict())
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.to_pure_dict()
+    )
 
 
 def _peek(batches: pipeline.PackedBatches) -> dict:
@@ -261,7 +288,8 @@ def _check_finite(step: int, metrics: dict) -> dict:
     if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
         raise FloatingPointError(
             f"non-finite loss or gradient at step {step}: {values}. The run stopped; lower "
-            "optim.lr or raise optim.warmup_steps, then rerun to resume from the last checkpoint")
+            "optim.lr or raise optim.warmup_steps, then rerun to resume from the last checkpoint"
+        )
     return values
 
 
@@ -306,8 +334,11 @@ class _Interval:
 def _memory_summary(compiled) -> str:
     try:
         m = compiled.memory_analysis()
-        return (f"arguments {m.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
-                f"{m.temp_size_in_bytes / 2**20:.1f} MiB, outputs {m.output_size_in_bytes / 2**20:.1f} MiB")
+        return (
+            f"arguments {m.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
+            f"{m.temp_size_in_bytes / 2**20:.1f} MiB, "
+            f"outputs {m.output_size_in_bytes / 2**20:.1f} MiB"
+        )
     except Exception as e:  # some backends do not report it
         return f"unavailable ({e})"
 
@@ -332,7 +363,8 @@ def quiet_orbax_info_logs() -> None:
 
 if __name__ == "__main__":
     # Flags live here, not at import time, so other entry points can import this module.
-    config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
-                                    lock_config=False)
+    config_flags.DEFINE_config_file(
+        "config", None, "Experiment config file[:args].", lock_config=False
+    )
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard events.")
     app.run(main)

@@ -45,7 +45,9 @@ def test_loss_is_averaged_per_segment_and_skips_padding_and_conditioning():
     seg = jnp.array([[1] * 8 + [2] * 2 + [0] * 2])
     cond = jnp.zeros_like(seg, bool).at[0, 0].set(True)
     pred = jnp.zeros((1, 12, 3))
-    target = jnp.concatenate([jnp.ones((1, 8, 3)), 3 * jnp.ones((1, 2, 3)), 100 * jnp.ones((1, 2, 3))], 1)
+    target = jnp.concatenate(
+        [jnp.ones((1, 8, 3)), 3 * jnp.ones((1, 2, 3)), 100 * jnp.ones((1, 2, 3))], 1
+    )
     target = target.at[0, 0].set(1000.0)  # a conditioning token: must not count
     loss, aux = flow.packed_loss(pred, target, seg, cond, max_segments=4)
     np.testing.assert_allclose(loss, (1.0 + 9.0) / 2)  # segment means 1 and 9, then their mean
@@ -71,7 +73,9 @@ def test_euler_sampler_turns_noise_into_the_gaussian_target_with_per_segment_sch
     mu, sigma = 2.0, 0.5
     v_exact = gaussian_velocity(mu, sigma)
     B, L, P = 1, 4000, 4
-    seg = jnp.concatenate([jnp.ones((B, L // 2), jnp.int32), 2 * jnp.ones((B, L // 2), jnp.int32)], 1)
+    seg = jnp.concatenate(
+        [jnp.ones((B, L // 2), jnp.int32), 2 * jnp.ones((B, L // 2), jnp.int32)], 1
+    )
     shift = jnp.array([[1.0, 3.0]])  # each segment follows its own shifted schedule
 
     def velocity_fn(x, t_BS):
@@ -89,7 +93,14 @@ def test_sampler_holds_conditioning_tokens_clean():
     seg = jnp.ones((1, 6), jnp.int32)
     cond_mask = jnp.array([[True, True, False, False, False, False]])
     clean = jnp.full((1, 6, 2), 7.0)
-    x = flow.euler_sample(lambda x, t: jnp.ones_like(x), jnp.zeros((1, 6, 2)), seg,
-                          jnp.ones((1, 1)), 4, cond_BLP=clean, cond_mask_BL=cond_mask)
+    x = flow.euler_sample(
+        lambda x, t: jnp.ones_like(x),
+        jnp.zeros((1, 6, 2)),
+        seg,
+        jnp.ones((1, 1)),
+        4,
+        cond_BLP=clean,
+        cond_mask_BL=cond_mask,
+    )
     np.testing.assert_array_equal(x[0, :2], 7.0)
     np.testing.assert_allclose(x[0, 2:], -1.0, atol=1e-6)  # integrated v = 1 from t=1 to 0

@@ -4,14 +4,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxsora.data import packing
 from jaxsora.models.dit import DiTConfig, make_model
 from jaxsora.models.tokenizer import tokenize
+from tests.conftest import randomize_params
 
-CFG = DiTConfig(patch_dim=12, width=32, depth=2, num_heads=2, text_vocab=64, text_len=6,
-                text_width=16, text_depth=1, text_heads=2)
+CFG = DiTConfig(
+    patch_dim=12,
+    width=32,
+    depth=2,
+    num_heads=2,
+    text_vocab=64,
+    text_len=6,
+    text_width=16,
+    text_depth=1,
+    text_heads=2,
+)
 SHAPE = packing.PackShape(seq_len=96, max_segments=4, patch_dim=12, text_len=6)
 # float32 on CPU: the same math in a different order (other tokens in the softmax sum as exact
 # zeros, different matmul shapes) moves results by a few ulps.
@@ -20,14 +29,7 @@ TOL = 2e-5
 
 @pytest.fixture(scope="module")
 def model():
-    """Zero-initialised layers (adaLN-Zero) would make every output 0; randomise all weights."""
-    m = make_model(CFG, seed=0)
-    params = nnx.state(m, nnx.Param)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    nnx.update(m, jax.tree.unflatten(tree, noisy))
-    return m
+    return randomize_params(make_model(CFG, seed=0))
 
 
 def example(grid, caption, seed):
@@ -35,14 +37,20 @@ def example(grid, caption, seed):
     n = int(np.prod(grid))
     positions = np.stack(np.meshgrid(*(np.arange(g) for g in grid), indexing="ij"), -1)
     ids, mask = tokenize(caption, CFG.text_len, CFG.text_vocab)
-    return {"patches": rng.standard_normal((n, CFG.patch_dim)).astype(np.float32),
-            "positions": positions.reshape(-1, 3).astype(np.int32),
-            "grid": np.array(grid, np.int32), "text_ids": ids, "text_mask": mask}
+    return {
+        "patches": rng.standard_normal((n, CFG.patch_dim)).astype(np.float32),
+        "positions": positions.reshape(-1, 3).astype(np.int32),
+        "grid": np.array(grid, np.int32),
+        "text_ids": ids,
+        "text_mask": mask,
+    }
 
 
-EXAMPLES = [example((3, 2, 5), "a red circle moving left", 0),
-            example((1, 6, 4), "a photo of a cat", 1),
-            example((2, 3, 3), "a blue square", 2)]
+EXAMPLES = [
+    example((3, 2, 5), "a red circle moving left", 0),
+    example((1, 6, 4), "a photo of a cat", 1),
+    example((2, 3, 3), "a blue square", 2),
+]
 TIMES = [0.3, 0.8, 0.55]
 
 
@@ -50,9 +58,14 @@ def run(model, examples, times):
     pack = packing.stack_packs([packing.build_pack(examples, SHAPE)])
     t = np.zeros((1, SHAPE.max_segments), np.float32)
     t[0, : len(times)] = times
-    out = model(jnp.asarray(pack["tokens"]), jnp.asarray(t), jnp.asarray(pack["segment_ids"]),
-                jnp.asarray(pack["positions"]), jnp.asarray(pack["text_ids"]),
-                jnp.asarray(pack["text_mask"]))
+    out = model(
+        jnp.asarray(pack["tokens"]),
+        jnp.asarray(t),
+        jnp.asarray(pack["segment_ids"]),
+        jnp.asarray(pack["positions"]),
+        jnp.asarray(pack["text_ids"]),
+        jnp.asarray(pack["text_mask"]),
+    )
     return np.asarray(out[0]), pack["segment_ids"][0]
 
 
@@ -61,15 +74,21 @@ def test_output_alone_equals_output_packed(model):
     for k, (ex, t) in enumerate(zip(EXAMPLES, TIMES, strict=True)):
         alone, alone_segs = run(model, [ex], [t])
         n = ex["patches"].shape[0]
-        assert np.abs(alone[:n]).max() > 0.1, "outputs must be non-trivial for the test to mean anything"
-        np.testing.assert_allclose(packed[segs == k + 1], alone[alone_segs == 1], atol=TOL, rtol=TOL)
+        assert np.abs(alone[:n]).max() > 0.1, (
+            "outputs must be non-trivial for the test to mean anything"
+        )
+        np.testing.assert_allclose(
+            packed[segs == k + 1], alone[alone_segs == 1], atol=TOL, rtol=TOL
+        )
 
 
 def test_order_in_the_pack_does_not_matter(model):
     packed, segs = run(model, EXAMPLES, TIMES)
     reordered, rsegs = run(model, EXAMPLES[::-1], TIMES[::-1])
     for k in range(3):
-        np.testing.assert_allclose(packed[segs == k + 1], reordered[rsegs == 3 - k], atol=TOL, rtol=TOL)
+        np.testing.assert_allclose(
+            packed[segs == k + 1], reordered[rsegs == 3 - k], atol=TOL, rtol=TOL
+        )
 
 
 def test_gradient_never_crosses_segments(model):
@@ -79,8 +98,14 @@ def test_gradient_never_crosses_segments(model):
     t = jnp.asarray([TIMES + [0.0]], jnp.float32)
 
     def seg1_output(tokens):
-        out = model(tokens, t, segs, jnp.asarray(pack["positions"]),
-                    jnp.asarray(pack["text_ids"]), jnp.asarray(pack["text_mask"]))
+        out = model(
+            tokens,
+            t,
+            segs,
+            jnp.asarray(pack["positions"]),
+            jnp.asarray(pack["text_ids"]),
+            jnp.asarray(pack["text_mask"]),
+        )
         return jnp.sum(jnp.where((segs == 1)[..., None], out, 0.0) ** 2)
 
     g = np.asarray(jax.grad(seg1_output)(jnp.asarray(pack["tokens"])))[0]
@@ -105,8 +130,13 @@ def test_padding_does_not_change_real_tokens(model):
     for shape in (short, SHAPE):
         pack = packing.stack_packs([packing.build_pack([ex], shape)])
         t = jnp.full((1, 4), 0.3)
-        out = model(jnp.asarray(pack["tokens"]), t, jnp.asarray(pack["segment_ids"]),
-                    jnp.asarray(pack["positions"]), jnp.asarray(pack["text_ids"]),
-                    jnp.asarray(pack["text_mask"]))
+        out = model(
+            jnp.asarray(pack["tokens"]),
+            t,
+            jnp.asarray(pack["segment_ids"]),
+            jnp.asarray(pack["positions"]),
+            jnp.asarray(pack["text_ids"]),
+            jnp.asarray(pack["text_mask"]),
+        )
         outs.append(np.asarray(out[0, :30]))
     np.testing.assert_allclose(outs[0], outs[1], atol=TOL, rtol=TOL)

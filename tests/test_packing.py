@@ -14,13 +14,15 @@ def make_examples(sizes, seed=0):
     out = []
     for k, n in enumerate(sizes):
         patches = np.stack([np.full(n, k), np.arange(n)], -1).astype(np.float32)
-        out.append({
-            "patches": patches,
-            "positions": rng.integers(0, 9, (n, 3)).astype(np.int32),
-            "grid": np.array([1, 1, n], np.int32),
-            "text_ids": np.full(4, k, np.int32),
-            "text_mask": np.ones(4, bool),
-        })
+        out.append(
+            {
+                "patches": patches,
+                "positions": rng.integers(0, 9, (n, 3)).astype(np.int32),
+                "grid": np.array([1, 1, n], np.int32),
+                "text_ids": np.full(4, k, np.int32),
+                "text_mask": np.ones(4, bool),
+            }
+        )
     return out
 
 
@@ -54,7 +56,7 @@ def test_packs_respect_length_and_segment_limits_and_metadata_follows_segments()
         n = segs.max()
         starts = [np.argmax(segs == s) for s in range(1, n + 1)]
         assert starts == sorted(starts)
-        assert (segs[np.count_nonzero(segs):] == 0).all()
+        assert (segs[np.count_nonzero(segs) :] == 0).all()
         for s in range(1, n + 1):
             k = int(p["tokens"][segs == s][0, 0])
             assert (p["text_ids"][s - 1] == k).all()

@@ -77,7 +77,12 @@ def test_packing_efficiency_on_the_bundled_data_is_at_least_95_percent(data_dir)
 
 
 def test_token_budget_keeps_aspect_ratio_and_cuts_long_clips():
-    for T, H, W, budget in [(16, 90, 160, 128), (1, 160, 90, 64), (8, 32, 224, 200), (500, 64, 64, 100)]:
+    for T, H, W, budget in [
+        (16, 90, 160, 128),
+        (1, 160, 90, 64),
+        (8, 32, 224, 200),
+        (500, 64, 64, 100),
+    ]:
         t, h, w = video.fit_grid(T, H, W, (1, 4, 4), budget)
         assert t * h * w <= budget
         assert t <= T

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxsora import train as trainer
 from jaxsora.checkpointing import CheckpointMismatchError
@@ -20,10 +21,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_train(workdir, data_dir, *overrides):
     """The real CLI in a fresh process, as a user (or a preempted job's restart) runs it."""
-    cmd = [sys.executable, "-m", "jaxsora.train",
-           "--config", "experiments/tiny.py:runlocal,steps=6,source=synthetic_clips/small",
-           f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", "--config.log_every=1",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxsora.train",
+        "--config",
+        "experiments/tiny.py:runlocal,steps=6,source=synthetic_clips/small",
+        f"--config.data.data_dir={data_dir}",
+        f"--workdir={workdir}",
+        "--config.log_every=1",
+        *overrides,
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -48,9 +56,9 @@ def test_resume_in_a_fresh_process_matches_the_uninterrupted_run_bitwise(data_di
         assert a[step] == b[step], f"step {step}: {a[step]!r} != {b[step]!r}"
     for use_ema in (False, True):
         (m1, _), (m2, _) = load_run(straight, use_ema), load_run(resumed, use_ema)
-        from flax import nnx
-
-        for x, y in zip(jax.tree.leaves(nnx.state(m1)), jax.tree.leaves(nnx.state(m2)), strict=True):
+        for x, y in zip(
+            jax.tree.leaves(nnx.state(m1)), jax.tree.leaves(nnx.state(m2)), strict=True
+        ):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 

@@ -45,7 +45,9 @@ def velocity(x0: jax.Array, noise: jax.Array) -> jax.Array:
 def per_segment(values_BS: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
     """Gathers a per-segment value [B, S, ...] to tokens [B, L, ...] (padding gets segment 1's)."""
     idx = jnp.maximum(segment_ids_BL - 1, 0)
-    return jnp.take_along_axis(values_BS, idx.reshape(idx.shape + (1,) * (values_BS.ndim - 2)), axis=1)
+    return jnp.take_along_axis(
+        values_BS, idx.reshape(idx.shape + (1,) * (values_BS.ndim - 2)), axis=1
+    )
 
 
 def packed_loss(
@@ -69,7 +71,9 @@ def packed_loss(
         return loss, {"loss": loss, "segments": jnp.zeros(())}
     if weighting != "segment":
         raise ValueError(f"loss weighting {weighting!r} is not 'segment' or 'token'")
-    onehot_BLS = jax.nn.one_hot(segment_ids_BL - 1, max_segments, dtype=jnp.float32) * live_BL[..., None]
+    onehot_BLS = (
+        jax.nn.one_hot(segment_ids_BL - 1, max_segments, dtype=jnp.float32) * live_BL[..., None]
+    )
     count_BS = onehot_BLS.sum(axis=1)
     sum_BS = jnp.einsum("bl,bls->bs", jnp.where(live_BL, err_BL, 0.0), onehot_BLS)
     has_BS = count_BS > 0

@@ -77,8 +77,16 @@ class DiT(nnx.Module):
         self.patch_in = dense(cfg.patch_dim, D, ("patch", "embed"), rngs, dtype)
         self.time_mlp1 = dense(256, D, (None, "embed"), rngs, dtype)
         self.time_mlp2 = dense(D, D, ("embed", "mlp"), rngs, dtype)
-        self.captions = CaptionEncoder(cfg.text_vocab, cfg.text_len, cfg.text_width, cfg.text_depth,
-                                       cfg.text_heads, rngs, dtype, cfg.attention)
+        self.captions = CaptionEncoder(
+            cfg.text_vocab,
+            cfg.text_len,
+            cfg.text_width,
+            cfg.text_depth,
+            cfg.text_heads,
+            rngs,
+            dtype,
+            cfg.attention,
+        )
         self.caption_pool = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
         self.caption_proj = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
         self.blocks = nnx.List([DiTBlock(cfg, rngs, dtype) for _ in range(cfg.depth)])
@@ -99,7 +107,9 @@ class DiT(nnx.Module):
         B, S, Lt = text_ids_BSLt.shape
         dtype = jnp.dtype(cfg.dtype)
         x = self.patch_in(x_BLP.astype(dtype))
-        t_emb = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t_BS, 256).astype(dtype))))
+        t_emb = self.time_mlp2(
+            jax.nn.silu(self.time_mlp1(timestep_embedding(t_BS, 256).astype(dtype)))
+        )
         text_BSLtE, pooled_BSE = self.captions(text_ids_BSLt, text_mask_BSLt)
         c_BSD = t_emb + self.caption_pool(pooled_BSE)
         ctx_BMD = self.caption_proj(text_BSLtE).reshape(B, S * Lt, -1)
@@ -108,7 +118,9 @@ class DiT(nnx.Module):
         angles = rope_angles(positions_BL3, cfg.width // cfg.num_heads, cfg.rope_theta)
         for block in self.blocks:
             x = block(x, c_BSD, segment_ids_BL, angles, ctx_BMD, ctx_seg_BM)
-        shift, scale = jnp.split(per_segment(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL), 2, -1)
+        shift, scale = jnp.split(
+            per_segment(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL), 2, -1
+        )
         return self.patch_out(modulate(layer_norm(x), shift, scale)).astype(jnp.float32)
 
 

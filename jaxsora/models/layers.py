@@ -58,7 +58,15 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head attention with QK-norm; RoPE when angles are given (self-attention)."""
 
-    def __init__(self, width: int, num_heads: int, rngs: nnx.Rngs, dtype, backend: str, kv_width: int | None = None):
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        rngs: nnx.Rngs,
+        dtype,
+        backend: str,
+        kv_width: int | None = None,
+    ):
         if width % num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
         self.num_heads, self.head_dim, self.backend = num_heads, width // num_heads, backend

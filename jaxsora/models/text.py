@@ -26,16 +26,31 @@ class CaptionLayer(nnx.Module):
 
 
 class CaptionEncoder(nnx.Module):
-    def __init__(self, vocab: int, text_len: int, width: int, depth: int, num_heads: int,
-                 rngs: nnx.Rngs, dtype, backend: str):
+    def __init__(
+        self,
+        vocab: int,
+        text_len: int,
+        width: int,
+        depth: int,
+        num_heads: int,
+        rngs: nnx.Rngs,
+        dtype,
+        backend: str,
+    ):
         self.embed = nnx.Embed(
-            vocab, width, embedding_init=nnx.with_partitioning(
-                nnx.initializers.normal(0.02), ("vocab", "embed")),
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (text_len, width)),
-                             out_sharding=(None, "embed"))
-        self.layers = nnx.List([CaptionLayer(width, num_heads, rngs, dtype, backend)
-                                for _ in range(depth)])
+            vocab,
+            width,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+        self.pos = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (text_len, width)), out_sharding=(None, "embed")
+        )
+        self.layers = nnx.List(
+            [CaptionLayer(width, num_heads, rngs, dtype, backend) for _ in range(depth)]
+        )
 
     def __call__(self, ids_BSL, mask_BSL):
         """-> tokens [B, S, Lt, D] and pooled [B, S, D] (masked mean)."""
