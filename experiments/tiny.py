@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text_width = 96
     c.model.text_depth = 1
     c.model.text_heads = 2
+    c.model.rope_theta = 10_000.0
     c.model.dtype = "float32"
     c.model.attention = "xla"
 

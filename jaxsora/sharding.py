@@ -15,8 +15,9 @@ Legend of logical axes (config `sharding_rules`, each maps to a mesh axis or Non
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -117,3 +118,38 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
     axes = logical_to_mesh(("batch",), rules)[0]
     names = axes if isinstance(axes, tuple) else ((axes,) if axes else ())
     return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+
+
+_ACTIVE: list[tuple[Mesh, tuple]] = []  # (mesh, rules) while a step is traced
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules) -> Iterator[None]:
+    """Makes `constrain` (and mesh-aware attention backends) see this mesh while tracing."""
+    _ACTIVE.append((mesh, tuple(tuple(r) for r in rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def active_mesh() -> tuple[Mesh, tuple] | None:
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pins an activation to the mesh by logical names; a no-op outside `activation_sharding`.
+
+    A dimension the mesh axes do not divide stays unsharded, as for weights.
+    """
+    active = active_mesh()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_mesh(names, rules)
+    fixed = []
+    for dim, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec)), strict=False):
+        axis_names = axes if isinstance(axes, tuple) else ((axes,) if axes else ())
+        size = int(np.prod([mesh.shape[a] for a in axis_names])) if axis_names else 1
+        fixed.append(axes if dim % size == 0 else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fixed)))

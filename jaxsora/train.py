@@ -61,6 +61,7 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
         text_width=m.text_width,
         text_depth=m.text_depth,
         text_heads=m.text_heads,
+        rope_theta=m.get("rope_theta", 10_000.0),
         dtype=m.dtype,
         attention=m.attention,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla",)
+BACKENDS = ("xla", "splash", "context")
 
 
 def attention(
@@ -23,11 +23,21 @@ def attention(
     backend: str = "xla",
 ) -> jax.Array:
     if backend == "xla":
-        return _xla_attention(q_BLHK, k_BMHK, v_BMHK, segment_ids_q_BL, segment_ids_kv_BM)
+        return xla_attention(q_BLHK, k_BMHK, v_BMHK, segment_ids_q_BL, segment_ids_kv_BM)
+    if backend == "splash":
+        from jaxsora.models.splash import splash_attention
+
+        return splash_attention(q_BLHK, k_BMHK, v_BMHK, segment_ids_q_BL, segment_ids_kv_BM)
+    if backend == "context":
+        from jaxsora.models.context_parallel import context_parallel_attention
+
+        return context_parallel_attention(
+            q_BLHK, k_BMHK, v_BMHK, segment_ids_q_BL, segment_ids_kv_BM
+        )
     raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
 
 
-def _xla_attention(q, k, v, seg_q, seg_kv):
+def xla_attention(q, k, v, seg_q, seg_kv):
     """Dense scores, then the segment mask; softmax in float32."""
     scale = q.shape[-1] ** -0.5
     scores_BHLM = jnp.einsum("blhk,bmhk->bhlm", q, k, preferred_element_type=jnp.float32) * scale

@@ -15,7 +15,7 @@ from jaxsora.models.layers import Attention, Mlp, layer_norm
 
 class CaptionLayer(nnx.Module):
     def __init__(self, width: int, num_heads: int, rngs: nnx.Rngs, dtype, backend: str):
-        self.attn = Attention(width, num_heads, rngs, dtype, backend)
+        self.attn = Attention(width, num_heads, rngs, dtype, "xla")  # Lt tokens: dense is right
         self.mlp = Mlp(width, 4 * width, rngs, dtype)
 
     def __call__(self, x_NLD, valid_NL):

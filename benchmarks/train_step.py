@@ -1,0 +1,220 @@
+"""Train-step throughput of the default tiny config on this machine: tokens/s, step time, MFU.
+
+    python -m benchmarks.train_step [--steps 20 --warmup 3 --data_dir data/tfds]
+
+The state and step are built exactly as jaxsora/train.py builds them (create_train_state,
+nnx.split, make_step_fn, compiled ahead of time under the config's mesh), then run on one fixed
+batch so input loading is excluded. The batch comes from the same online packer the pipeline
+uses, fed synthetic examples of the pipeline's size distribution (no dataset needed); with
+--data_dir it is the real pipeline's first batch instead.
+
+MFU divides the analytic FLOPs of jaxsora.flops by the best of a few runs of
+`flops.measure_matmul_peak` taken in the same process: on a shared CPU contention only ever
+slows a probe down, so the fastest probe is the closest to the machine's real peak.
+
+A breakdown (--breakdown) also times the forward pass alone, forward + backward without the
+optimizer, and the attention core (jaxsora.models.attention) alone at the step's shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from benchmarks import common
+
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "Take the batch from the real pipeline here.")
+_PEAK_PROBES = flags.DEFINE_integer("peak_probes", 3, "1 s matmul probes; the best one is used.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Also time forward, backward, attention.")
+_CONFIG_ARG = flags.DEFINE_string("config_arg", "", "experiments/tiny.py variant, e.g. runlocal.")
+
+
+def tiny_config(arg: str | None = None):
+    from experiments import tiny
+
+    return tiny.get_config(arg or None)
+
+
+def make_batch(config, data_dir: str = "", seed: int = 0) -> dict[str, np.ndarray]:
+    """The fixed batch every timed step sees."""
+    if not data_dir:
+        return common.synthetic_batch(config, seed)
+    from jaxsora.compression import make_stage
+    from jaxsora.data import pipeline
+
+    config.data.data_dir = data_dir
+    return next(pipeline.make_batches(config, make_stage(config.model.compression)))
+
+
+@dataclasses.dataclass
+class JaxStep:
+    """The compiled jaxsora train step and the state it threads (donated each call)."""
+
+    compiled: object
+    state: object
+    batch: dict
+    graphdef: object
+    mesh: object
+    config: object
+    compile_s: float
+
+    def __call__(self) -> float:
+        """One step, blocking until its outputs exist; returns the loss."""
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready(self.state)
+        return float(metrics["loss"])
+
+    def model(self):
+        """The current model (a view of the state; do not keep across steps)."""
+        return nnx.merge(self.graphdef, self.state).model
+
+
+def build_jax_step(config, batch_np: dict[str, np.ndarray]) -> JaxStep:
+    """Mesh, sharded train state, split, jitted step, AOT compile: as jaxsora.train.train does."""
+    from jaxsora import sharding, train
+    from jaxsora.data import pipeline
+
+    train.validate(config)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    state_module = train.create_train_state(config, mesh, rules)
+    graphdef, state = nnx.split(state_module)
+    del state_module
+    step_fn = train.make_step_fn(graphdef, config)
+    batch = pipeline.to_global(batch_np, mesh, rules)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step_fn.lower(state, batch).compile()
+    return JaxStep(compiled, state, batch, graphdef, mesh, config, time.perf_counter() - start)
+
+
+def xla_flops(compiled) -> float | None:
+    """XLA's own FLOP count of the compiled step, as a cross-check of the analytic one."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost["flops"])
+    except Exception:  # not every backend or version reports it
+        return None
+
+
+def breakdown(step: JaxStep, warmup: int, reps: int) -> dict:
+    """Median seconds of the parts of a step, each compiled on its own."""
+    from jaxsora import train
+    from jaxsora.models.attention import attention
+
+    config, graphdef = step.config, step.graphdef
+    key = jax.random.key(0)
+
+    @jax.jit
+    def forward(state, batch):
+        model = nnx.merge(graphdef, state).model
+        return train.loss_and_metrics(model, batch, key, config)[0]
+
+    @jax.jit
+    def forward_backward(state, batch):
+        model = nnx.merge(graphdef, state).model
+        loss_fn = functools.partial(train.loss_and_metrics, batch=batch, key=key, config=config)
+        (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        return loss, grads
+
+    b = step.batch
+    B, L = b["segment_ids"].shape
+    S, Lt = b["text_ids"].shape[1:]
+    H = config.model.num_heads
+    K = config.model.width // H
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((B, L, H, K)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((B, S * Lt, H, K)), jnp.float32)
+    seg = b["segment_ids"]
+    ctx_seg = jnp.where(b["text_mask"], jnp.arange(1, S + 1)[None, :, None], 0).reshape(B, -1)
+
+    def attn_grad(q, k, v, seg_kv):
+        f = lambda q, k, v: jnp.sum(attention(q, k, v, seg, seg_kv) ** 2)
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    attn_grad = jax.jit(attn_grad)
+    parts = {
+        "forward": lambda: jax.block_until_ready(forward(step.state, b)),
+        "forward_backward": lambda: jax.block_until_ready(forward_backward(step.state, b)),
+        "self_attention_core_fwd_bwd_all_layers": lambda: [
+            jax.block_until_ready(attn_grad(q, q, q, seg)) for _ in range(config.model.depth)],
+        "cross_attention_core_fwd_bwd_all_layers": lambda: [
+            jax.block_until_ready(attn_grad(q, ctx, ctx, ctx_seg))
+            for _ in range(config.model.depth)],
+    }
+    return {name: common.summary(common.timed(fn, warmup, reps))["median"]
+            for name, fn in parts.items()}
+
+
+def matmul_peak(probes: int) -> tuple[float, list[float]]:
+    from jaxsora import flops
+
+    runs = [flops.measure_matmul_peak(seconds=1.0) for _ in range(probes)]
+    return max(runs), runs
+
+
+def config_summary(config) -> dict:
+    m, d = config.model, config.data
+    return {"batch_size": config.batch_size, "seq_len": d.seq_len,
+            "max_segments": d.max_segments, "width": m.width, "depth": m.depth,
+            "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio, "text_len": m.text_len,
+            "text_width": m.text_width, "text_depth": m.text_depth, "dtype": m.dtype,
+            "attention": m.attention, "patch": list(m.patch)}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from jaxsora import flops, train
+
+    with common.json_stdout() as emit:
+        config = tiny_config(_CONFIG_ARG.value)
+        batch_np = make_batch(config, _DATA_DIR.value)
+        stats = common.batch_stats(batch_np)
+        step = build_jax_step(config, batch_np)
+        logging.info("compiled the step in %.1fs", step.compile_s)
+        times = common.timed(step, _WARMUP.value, _STEPS.value)
+        t = common.summary(times)
+        step_flops = flops.train_step_flops(train.dit_config(config), config.batch_size,
+                                            config.data.seq_len, config.data.max_segments)
+        peak, probes = matmul_peak(_PEAK_PROBES.value)
+        achieved = step_flops / t["median"]
+        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(step.model(), nnx.Param)))
+        record = {
+            "benchmark": "train_step",
+            "config": config_summary(config),
+            "batch": "pipeline" if _DATA_DIR.value else "synthetic (online packer)",
+            "batch_stats": stats,
+            "params": int(n_params),
+            "compile_s": step.compile_s,
+            "step_s": t,
+            "tokens_per_s": stats["real_tokens"] / t["median"],
+            "slots_per_s": stats["slots"] / t["median"],
+            "examples_per_s": stats["examples"] / t["median"],
+            "flops_per_step_analytic": step_flops,
+            "flops_per_step_xla": xla_flops(step.compiled),
+            "achieved_flops_per_s": achieved,
+            "matmul_peak_flops_per_s": peak,
+            "matmul_peak_probes": probes,
+            "mfu": achieved / peak,
+            "last_loss": step(),
+        }
+        if _BREAKDOWN.value:
+            parts = breakdown(step, warmup=2, reps=max(5, _STEPS.value // 2))
+            parts["full_step"] = t["median"]
+            record["breakdown_s"] = parts
+        record["machine"] = common.machine_info()
+        emit(common.round_floats(record))
+
+
+if __name__ == "__main__":
+    app.run(main)
