@@ -52,7 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text_heads = 2
     c.model.rope_theta = 10_000.0
     c.model.dtype = "float32"
-    c.model.attention = "xla"
+    c.model.attention = "xla"  # self-attention backend: xla (CPU/GPU), splash (TPU), context
+    c.model.remat = "none"  # per-block activation checkpointing: none, full, dots, dots_saveable
+    c.model.scan_layers = True  # compile one block and scan it: compile time flat in depth
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = "data/tfds"

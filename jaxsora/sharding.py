@@ -11,6 +11,7 @@ Legend of logical axes (config `sharding_rules`, each maps to a mesh axis or Non
   length   tokens in a pack               mlp      MLP hidden units, adaLN outputs
   heads    attention heads x head_dim     kv       one head's features (never sharded)
   vocab    caption vocabulary             patch    patch features
+  layers   stacked DiT blocks (scanned; never sharded: each step needs one whole layer)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ DEFAULT_RULES = (
     ("kv", None),
     ("vocab", None),
     ("patch", None),
+    ("layers", None),
 )
 
 

@@ -62,6 +62,8 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
         text_depth=m.text_depth,
         text_heads=m.text_heads,
         rope_theta=m.get("rope_theta", 10_000.0),
+        remat=m.get("remat", "none"),
+        scan_layers=m.get("scan_layers", True),
         dtype=m.dtype,
         attention=m.attention,
     )

@@ -10,6 +10,7 @@ through gradients).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -37,6 +38,17 @@ class DiTConfig:
     rope_theta: float = 10_000.0
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attention: str = "xla"
+    remat: str = "none"  # what the backward pass recomputes: see REMAT_POLICIES
+    scan_layers: bool = True  # one compiled block, looped: compile time independent of depth
+
+
+# Activation checkpointing per block: "none" keeps everything (fastest, most memory), "full"
+# recomputes the block (least memory), "dots" keeps matmul outputs and recomputes the rest.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+}
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -91,7 +103,19 @@ class DiT(nnx.Module):
         )
         self.caption_pool = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
         self.caption_proj = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
-        self.blocks = nnx.List([DiTBlock(cfg, rngs, dtype) for _ in range(cfg.depth)])
+        if cfg.remat not in ("none", *REMAT_POLICIES):
+            raise ValueError(f"config model.remat={cfg.remat!r} is not one of "
+                             f"{('none', *REMAT_POLICIES)}")
+        if cfg.scan_layers:
+            # Blocks stacked on a leading `layers` axis: one block is compiled and scanned.
+            @nnx.split_rngs(splits=cfg.depth)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> DiTBlock:
+                return DiTBlock(cfg, rngs, dtype)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([DiTBlock(cfg, rngs, dtype) for _ in range(cfg.depth)])
         self.final_ada = dense(D, 2 * D, ("embed", "mlp"), rngs, dtype, zero=True)
         self.patch_out = dense(D, cfg.patch_dim, ("embed", "patch"), rngs, dtype, zero=True)
 
@@ -118,12 +142,34 @@ class DiT(nnx.Module):
         seg_of_caption = jnp.arange(1, S + 1, dtype=jnp.int32)[None, :, None]
         ctx_seg_BM = jnp.where(text_mask_BSLt, seg_of_caption, 0).reshape(B, S * Lt)
         angles = rope_angles(positions_BL3, cfg.width // cfg.num_heads, cfg.rope_theta)
-        for block in self.blocks:
-            x = block(x, c_BSD, segment_ids_BL, angles, ctx_BMD, ctx_seg_BM)
+        x = self._run_blocks(x, c_BSD, segment_ids_BL, angles, ctx_BMD, ctx_seg_BM)
         shift, scale = jnp.split(
             per_segment(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL), 2, -1
         )
         return self.patch_out(modulate(layer_norm(x), shift, scale)).astype(jnp.float32)
+
+    def _run_blocks(self, x, *context):
+        if not self.cfg.scan_layers:
+            for block in self.blocks:
+                x = _block_fn(self.cfg, *nnx.split(block))(x, *context)
+            return x
+        # A plain lax.scan over the stacked block state (rather than nnx.scan) works under any
+        # outer JAX transform, including jax.grad of a model built outside it.
+        graphdef, stacked = nnx.split(self.blocks)
+        x, _ = jax.lax.scan(lambda x, state: (_block_fn(self.cfg, graphdef, state)(x, *context),
+                                              None), x, stacked)
+        return x
+
+
+def _block_fn(cfg: DiTConfig, graphdef, state):
+    """One block as a function of its input, under jax.checkpoint if the config asks."""
+
+    def call(state, x, *context):
+        return nnx.merge(graphdef, state)(x, *context)
+
+    if cfg.remat != "none":
+        call = jax.checkpoint(call, policy=REMAT_POLICIES[cfg.remat])
+    return functools.partial(call, state)
 
 
 def make_model(cfg: DiTConfig, seed: int) -> DiT:
