@@ -2,7 +2,8 @@
 
 Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it when every
 item is on disk), so an interrupted save is never listed and never restored; the last committed
-checkpoint stays usable.
+checkpoint stays usable. Every host writes its own shards of the arrays, and its own data
+iterator state (`data/process_<i>-of-<n>.json`, Grain's handler).
 """
 
 from __future__ import annotations
@@ -11,13 +12,31 @@ import json
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 
 class CheckpointMismatchError(ValueError):
     pass
+
+
+class _IteratorAsBytes:
+    """Grain's checkpoint handler takes non-Grain iterators whose state is bytes."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._iterator.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._iterator.set_state(json.loads(state))
+
+    def start_prefetch(self) -> None:
+        pass
 
 
 class Checkpointer:
@@ -29,19 +48,26 @@ class Checkpointer:
                 preservation_policy=preservation_policy.LatestN(keep),
                 enable_async_checkpointing=True,
             ),
-            item_names=("state", "data", "config"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, config_json: str) -> None:
-        """Starts an async save; returns once the arrays are copied off the device."""
+    def save(self, step: int, state: Any, iterator: Any, config_json: str) -> None:
+        """Starts an async save; returns once the arrays are copied off the device.
+
+        `iterator` has get_state()/set_state() with JSON-able dicts (this process's data state).
+        """
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
+                data=grain.checkpoint.CheckpointSave(_IteratorAsBytes(iterator)),
                 config=ocp.args.JsonSave(json.loads(config_json)),
             ),
         )
@@ -51,20 +77,37 @@ class Checkpointer:
         saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return saved["config"]
 
-    def restore(self, step: int, abstract_state: Any, model_config: dict) -> tuple[Any, dict]:
-        """State restored onto the shardings in `abstract_state`, and the data iterator state.
+    def restore(
+        self, step: int, abstract_state: Any, model_config: dict, iterator: Any | None = None
+    ) -> Any:
+        """State restored onto the shardings in `abstract_state` (any mesh, any device count).
 
-        Fails with a message naming the field when the checkpoint's model config differs.
+        Fails with a message naming the field when the checkpoint's model config differs. The
+        data iterator is restored too when this process wrote a state for it; with another
+        process count there is none to match, and the iterator keeps its fresh state (logged).
         """
         saved_model = self.saved_config(step).get("model", {})
         check_model_config(saved_model, model_config, self.directory, step)
         restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
-        return restored["state"], restored["data"]
+        if iterator is not None:
+            try:
+                self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        data=grain.checkpoint.CheckpointRestore(_IteratorAsBytes(iterator))
+                    ),
+                )
+            except ValueError as e:
+                logging.warning(
+                    "data iterator not restored (%s): checkpoint %s/%d was written by "
+                    "another number of processes; the data stream starts afresh",
+                    e,
+                    self.directory,
+                    step,
+                )
+        return restored["state"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

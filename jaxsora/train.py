@@ -28,6 +28,7 @@ from jaxsora.checkpointing import Checkpointer
 from jaxsora.compression import make_stage
 from jaxsora.data import pipeline
 from jaxsora.diffusion import flow
+from jaxsora.distributed import PreemptionWatch, initialize
 from jaxsora.metrics import MetricsWriter
 from jaxsora.models.dit import DiT, DiTConfig, make_model
 from jaxsora.models.tokenizer import START_ID
@@ -184,8 +185,11 @@ def make_step_fn(graphdef, config):
     return step_fn
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = False) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics.
+
+    `distributed`: this process is one of several (jaxsora.distributed.initialize said so).
+    """
     validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -202,39 +206,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"{dp} data-parallel devices of mesh {dict(mesh.shape)}"
         )
     logging.info(
-        "mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind
+        "mesh %s over %d devices (%s), %d processes",
+        dict(mesh.shape),
+        mesh.size,
+        jax.devices()[0].device_kind,
+        jax.process_count(),
     )
 
     # ----------------------------------------------------------------------------- input pipeline
     batches = pipeline.make_batches(config, stage)
 
     # ------------------------------------------------------------------------ model and optimizer
-    state_module = create_train_state(config, mesh, rules)
-    graphdef, state = nnx.split(state_module)
-    del state_module
-    n_params = sum(
-        x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state).model, nnx.Param))
-    )
+    graphdef, state = nnx.split(create_train_state(config, mesh, rules))
+    n_params = sum(x.size for x in jax.tree.leaves(state["model"].filter(nnx.Param)))
     logging.info("model: %.2fM parameters", n_params / 1e6)
 
     # --------------------------------------------------------------------------------- checkpoint
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-        restored, data_state = ckpt.restore(start, checkpoint_target(state), config.model.to_dict())
+        t0 = time.perf_counter()
+        restored = ckpt.restore(start, checkpoint_target(state), config.model.to_dict(), batches)
         nnx.replace_by_pure_dict(state, restored)
-        batches.set_state(data_state)
-        logging.info("resumed from %s at step %d", ckpt.directory, start)
+        logging.info(
+            "resumed from %s at step %d (%.1fs)", ckpt.directory, start, time.perf_counter() - t0
+        )
     start = start or 0
 
     # --------------------------------------------------------------------------------- step (AOT)
     step_fn = make_step_fn(graphdef, config)
     example = pipeline.to_global(_peek(batches), mesh, rules)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
         compiled = step_fn.lower(state, example).compile()
     logging.info(
-        "compiled the train step in %.1fs; memory: %s",
+        "compiled the train step in %.1fs; memory per device: %s",
         time.perf_counter() - t0,
         _memory_summary(compiled),
     )
@@ -248,6 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --------------------------------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, config.total_steps)
+    preemption = PreemptionWatch(distributed)
     interval = _Interval()
     last: dict = {}
     pending = None  # metrics of the step in flight: read one step late so the host never waits
@@ -259,13 +266,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if pending is not None:
             interval.add_metrics(_check_finite(*pending))
         pending = (step, metrics)
-        if step % config.log_every == 0 or step == end:
+        preempted = preemption.reached(step)
+        if step % config.log_every == 0 or step == end or preempted:
             interval.add_metrics(_check_finite(*pending))
             pending = None
             last = interval.summary(step_flops, peak, mesh.size, batches.packer.skipped)
             writer.write(step, last)
-        if step % config.checkpoint_every == 0 or step == end:
-            ckpt.save(step, state.to_pure_dict(), batches.get_state(), config.to_json())
+        if step % config.checkpoint_every == 0 or step == end or preempted:
+            t0 = time.perf_counter()
+            ckpt.save(step, state.to_pure_dict(), batches, config.to_json())
+            logging.info("checkpoint %d: %.2fs blocking", step, time.perf_counter() - t0)
+        if preempted:
+            logging.warning("preempted: saved step %d on every process; exiting", step)
+            break
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -352,7 +365,8 @@ def main(argv):
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
     quiet_orbax_info_logs()
-    train(FLAGS.config, FLAGS.workdir)
+    distributed = initialize()  # before anything starts a JAX backend
+    train(FLAGS.config, FLAGS.workdir, distributed)
 
 
 def quiet_orbax_info_logs() -> None:

@@ -21,6 +21,7 @@ from jaxsora.diffusion.flow import per_segment
 from jaxsora.models.layers import Attention, Mlp, dense, layer_norm
 from jaxsora.models.rope import rope_angles
 from jaxsora.models.text import CaptionEncoder
+from jaxsora.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +105,9 @@ class DiT(nnx.Module):
         self.caption_pool = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
         self.caption_proj = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
         if cfg.remat not in ("none", *REMAT_POLICIES):
-            raise ValueError(f"config model.remat={cfg.remat!r} is not one of "
-                             f"{('none', *REMAT_POLICIES)}")
+            raise ValueError(
+                f"config model.remat={cfg.remat!r} is not one of {('none', *REMAT_POLICIES)}"
+            )
         if cfg.scan_layers:
             # Blocks stacked on a leading `layers` axis: one block is compiled and scanned.
             @nnx.split_rngs(splits=cfg.depth)
@@ -142,6 +144,7 @@ class DiT(nnx.Module):
         seg_of_caption = jnp.arange(1, S + 1, dtype=jnp.int32)[None, :, None]
         ctx_seg_BM = jnp.where(text_mask_BSLt, seg_of_caption, 0).reshape(B, S * Lt)
         angles = rope_angles(positions_BL3, cfg.width // cfg.num_heads, cfg.rope_theta)
+        x = constrain(x, ("batch", "length", "embed"))
         x = self._run_blocks(x, c_BSD, segment_ids_BL, angles, ctx_BMD, ctx_seg_BM)
         shift, scale = jnp.split(
             per_segment(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL), 2, -1
@@ -156,8 +159,9 @@ class DiT(nnx.Module):
         # A plain lax.scan over the stacked block state (rather than nnx.scan) works under any
         # outer JAX transform, including jax.grad of a model built outside it.
         graphdef, stacked = nnx.split(self.blocks)
-        x, _ = jax.lax.scan(lambda x, state: (_block_fn(self.cfg, graphdef, state)(x, *context),
-                                              None), x, stacked)
+        x, _ = jax.lax.scan(
+            lambda x, state: (_block_fn(self.cfg, graphdef, state)(x, *context), None), x, stacked
+        )
         return x
 
 

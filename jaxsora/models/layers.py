@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxsora.models.attention import attention
 from jaxsora.models.rope import apply_rope
+from jaxsora.sharding import constrain
 
 
 def dense(
@@ -81,9 +82,14 @@ class Attention(nnx.Module):
     def __call__(self, x_BLD, kv_BMD, seg_q_BL, seg_kv_BM, angles_BLK2=None):
         B, L, _ = x_BLD.shape
         M = kv_BMD.shape[1]
-        q = self.q_norm(self.q(x_BLD).reshape(B, L, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k(kv_BMD).reshape(B, M, self.num_heads, self.head_dim))
-        v = self.v(kv_BMD).reshape(B, M, self.num_heads, self.head_dim)
+        heads = ("batch", "length", "heads", "kv")
+        q = constrain(
+            self.q_norm(self.q(x_BLD).reshape(B, L, self.num_heads, self.head_dim)), heads
+        )
+        k = constrain(
+            self.k_norm(self.k(kv_BMD).reshape(B, M, self.num_heads, self.head_dim)), heads
+        )
+        v = constrain(self.v(kv_BMD).reshape(B, M, self.num_heads, self.head_dim), heads)
         if angles_BLK2 is not None:
             q, k = apply_rope(q, angles_BLK2), apply_rope(k, angles_BLK2)
         o = attention(q, k, v, seg_q_BL, seg_kv_BM, backend=self.backend)
@@ -96,4 +102,5 @@ class Mlp(nnx.Module):
         self.fc2 = dense(hidden, width, ("mlp", "embed"), rngs, dtype)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        hidden = constrain(jax.nn.gelu(self.fc1(x), approximate=True), ("batch", "length", "mlp"))
+        return self.fc2(hidden)

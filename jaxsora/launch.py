@@ -1,0 +1,107 @@
+"""A simulated pod on one machine: N processes on localhost, K CPU devices each.
+
+    python -m jaxsora.launch --processes 2 --devices-per-process 2 -- \
+        python -m jaxsora.train --config experiments/tiny.py --workdir runs/pod
+
+Each process gets the environment that `jaxsora.distributed.initialize` reads, so the command is
+exactly the one a real pod runs on every host. Output lines are prefixed with the process index.
+SIGTERM or SIGINT to the launcher is forwarded to every process (a pod-wide preemption). When a
+process fails, the others get the heartbeat timeout to notice and stop by themselves, then are
+killed; the launcher exits with the first failure's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _relay(prefix: str, stream) -> None:
+    for line in iter(stream.readline, b""):
+        sys.stdout.buffer.write(prefix.encode() + line)
+        sys.stdout.flush()
+
+
+def launch(
+    command: list[str],
+    processes: int,
+    devices_per_process: int,
+    heartbeat_timeout: int = 100,
+    port: int | None = None,
+) -> int:
+    port = port or free_port()
+    children = []
+    for i in range(processes):
+        env = dict(
+            os.environ,
+            JAXSORA_COORDINATOR=f"localhost:{port}",
+            JAXSORA_NUM_PROCESSES=str(processes),
+            JAXSORA_PROCESS_ID=str(i),
+            JAXSORA_LOCAL_DEVICES=str(devices_per_process),
+            JAXSORA_HEARTBEAT_TIMEOUT=str(heartbeat_timeout),
+        )
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=_relay, args=(f"[p{i}] ", child.stdout), daemon=True).start()
+        children.append(child)
+
+    def forward(signum, frame):
+        del frame
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+    first_failure, deadline = 0, None
+    while any(c.poll() is None for c in children):
+        for c in children:
+            if c.returncode not in (None, 0) and first_failure == 0:
+                first_failure = c.returncode
+                deadline = time.monotonic() + heartbeat_timeout + 30
+        if deadline is not None and time.monotonic() > deadline:
+            for c in children:
+                if c.poll() is None:
+                    c.kill()
+        time.sleep(0.2)
+    codes = [c.returncode for c in children]
+    return first_failure or next((c for c in codes if c != 0), 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--devices-per-process", type=int, default=1)
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=100,
+        help="seconds before survivors give up on a dead process",
+    )
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- then the command every process runs"
+    )
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+    sys.exit(
+        launch(command, args.processes, args.devices_per_process, args.heartbeat_timeout, args.port)
+    )
+
+
+if __name__ == "__main__":
+    main()
