@@ -154,7 +154,7 @@ def load_run(workdir: str, use_ema: bool = True) -> tuple[DiT, ml_collections.Co
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
         abstract_state.to_pure_dict(),
     )
-    restored, _ = ckpt.restore(step, target, config.model.to_dict())
+    restored = ckpt.restore(step, target, config.model.to_dict())
     ckpt.close()
     nnx.replace_by_pure_dict(abstract_state, restored)
     state = nnx.merge(graphdef, abstract_state)

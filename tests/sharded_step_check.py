@@ -1,0 +1,113 @@
+"""Run as a subprocess with 8 simulated CPU devices (the backend must not have started yet).
+
+Computes the train loss and gradients of one packed batch on a 1-device mesh and on 8-device
+meshes, and prints them as JSON for tests/test_sharding.py to compare.
+"""
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from experiments import tiny  # noqa: E402
+from jaxsora import sharding  # noqa: E402
+from jaxsora import train as trainer  # noqa: E402
+from jaxsora.data import packing  # noqa: E402
+from jaxsora.models.tokenizer import tokenize  # noqa: E402
+
+MESHES = {
+    "data2_fsdp2_tensor2": (dict(data=2, fsdp=2, context=1, tensor=2), "xla"),
+    "data2_context2_tensor2": (dict(data=2, fsdp=1, context=2, tensor=2), "context"),
+    "fsdp4_context2": (dict(data=1, fsdp=4, context=2, tensor=1), "context"),
+}
+
+
+def config_for(mesh_sizes, attention):
+    c = tiny.get_config("runlocal")
+    c.model.width, c.model.num_heads, c.model.depth = 64, 4, 2
+    c.data.seq_len, c.data.max_segments, c.batch_size = 128, 6, 4
+    c.mesh, c.model.attention = mesh_sizes, attention
+    return c
+
+
+def make_batch(config):
+    rng = np.random.default_rng(0)
+    examples = []
+    for k in range(40):
+        grid = (int(rng.integers(1, 4)), int(rng.integers(1, 5)), int(rng.integers(2, 6)))
+        n = int(np.prod(grid))
+        pos = np.stack(np.meshgrid(*(np.arange(g) for g in grid), indexing="ij"), -1)
+        ids, mask = tokenize(f"caption number {k}", config.model.text_len, config.model.text_vocab)
+        examples.append(
+            {
+                "patches": rng.uniform(-1, 1, (n, 48)).astype(np.float32),
+                "positions": pos.reshape(-1, 3).astype(np.int32),
+                "grid": np.array(grid, np.int32),
+                "text_ids": ids,
+                "text_mask": mask,
+            }
+        )
+    shape = packing.PackShape(
+        config.data.seq_len, config.data.max_segments, 48, config.model.text_len
+    )
+    packs = packing.pack_examples(examples, shape)[: config.batch_size]
+    assert len(packs) == config.batch_size
+    return packing.stack_packs(packs)
+
+
+def loss_and_grads(config, devices, params):
+    mesh = sharding.make_mesh(dict(config.mesh), devices)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    graphdef, state = nnx.split(trainer.create_train_state(config, mesh, rules).model)
+    if params is not None:  # the same weights everywhere, placed on this mesh's shardings
+        state = jax.tree.map(lambda x, v: jax.device_put(v, x.sharding), state, params)
+    batch = {
+        k: jax.device_put(v, sharding.batch_sharding(mesh, rules, v.ndim))
+        for k, v in make_batch(config).items()
+    }
+
+    def fn(state, batch):
+        model = nnx.merge(graphdef, state)
+        grad_fn = nnx.value_and_grad(trainer.loss_and_metrics, has_aux=True)
+        (loss, _), grads = grad_fn(model, batch, jax.random.key(3), config)
+        return loss, nnx.state(grads)
+
+    with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
+        loss, grads = jax.jit(fn)(state, batch)
+    sharded = any(
+        len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+        for x in jax.tree.leaves(state)
+    )
+    return float(loss), jax.tree.map(np.asarray, grads), jax.tree.map(np.asarray, state), sharded
+
+
+def main():
+    one, _ = MESHES["data2_fsdp2_tensor2"]
+    base = config_for(dict(data=1, fsdp=1, context=1, tensor=1), "xla")
+    ref_loss, ref_grads, params, _ = loss_and_grads(base, jax.devices()[:1], None)
+    out = {"reference_loss": ref_loss}
+    for name, (mesh_sizes, attention) in MESHES.items():
+        loss, grads, _, sharded = loss_and_grads(
+            config_for(mesh_sizes, attention), jax.devices(), params
+        )
+        diffs = jax.tree.leaves(
+            jax.tree.map(lambda a, b: float(np.abs(a - b).max()), grads, ref_grads)
+        )
+        scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+        out[name] = {
+            "loss": loss,
+            "max_grad_diff": max(diffs),
+            "grad_scale": scale,
+            "weights_sharded": sharded,
+        }
+    print("RESULT " + json.dumps(out))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
