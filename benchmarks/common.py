@@ -22,9 +22,33 @@ import numpy as np
 from jaxsora.data import packing, video
 from jaxsora.models.tokenizer import tokenize
 
-_WORDS = ("a", "red", "blue", "green", "circle", "square", "triangle", "moving", "left", "right",
-          "up", "down", "on", "background", "yellow", "white", "black", "orange", "purple",
-          "diamond", "cross", "photo", "of", "cat", "street")
+_WORDS = (
+    "a",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "triangle",
+    "moving",
+    "left",
+    "right",
+    "up",
+    "down",
+    "on",
+    "background",
+    "yellow",
+    "white",
+    "black",
+    "orange",
+    "purple",
+    "diamond",
+    "cross",
+    "photo",
+    "of",
+    "cat",
+    "street",
+)
 
 
 @contextlib.contextmanager
@@ -60,6 +84,39 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> list[float] | None:
+    """Other processes' load is what moves timings on a shared machine; records carry it."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def git_revision() -> str | None:
+    """The commit measured, with "+dirty" when the working tree differs from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            text=True,
+            capture_output=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            text=True,
+            capture_output=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty.strip() else "")) or None
+
+
 def machine_info() -> dict:
     import jax
 
@@ -72,6 +129,7 @@ def machine_info() -> dict:
         "jax_backend": jax.default_backend(),
         "jax_device_kind": jax.devices()[0].device_kind,
         "jax_devices": jax.device_count(),
+        "git": git_revision(),
     }
     try:
         import torch
@@ -143,7 +201,11 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
         return synthetic_example(np.random.default_rng([seed, i]), spec, shape.patch_dim)
 
     packer = packing.OnlinePacker(example_at, shape, config.data.buffer_size)
-    return packing.stack_packs([next(packer) for _ in range(config.batch_size)])
+    # First-fit decreasing emits a round's fullest packs of the biggest examples first; every
+    # `spread`-th pack gives a batch like the average one rather than like a round's first.
+    spread = 4
+    packs = [next(packer) for _ in range(config.batch_size * spread)]
+    return packing.stack_packs(packs[::spread])
 
 
 def batch_stats(batch: dict[str, np.ndarray]) -> dict:

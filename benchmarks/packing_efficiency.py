@@ -21,10 +21,8 @@ from absl import app, flags, logging
 
 from benchmarks import common
 
-_DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir (built if missing).")
-_BATCHES = flags.DEFINE_integer("batches", 50, "Batches measured per variant.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per variant (median).")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Batches drawn before timing (opens files, threads).")
+FLAGS = flags.FLAGS
+
 
 VARIANTS = {"synthetic_clips": None, "mix": "mix"}  # name -> experiments/tiny.py arg
 
@@ -60,8 +58,9 @@ def measure(config, batches: int, warmup: int, repeats: int) -> dict:
             return ex
 
         # Same packer, but remembering the decoded examples for the packer-only figure below.
-        it.packer = packing.OnlinePacker(recording, pipeline.pack_shape(config, stage),
-                                         config.data.buffer_size)
+        it.packer = packing.OnlinePacker(
+            recording, pipeline.pack_shape(config, stage), config.data.buffer_size
+        )
         for _ in range(warmup):
             next(it)
         start = time.perf_counter()
@@ -106,13 +105,13 @@ def main(argv: list[str]) -> None:
     from experiments import tiny
 
     with common.json_stdout() as emit:
-        data_dir = os.path.abspath(_DATA_DIR.value)
+        data_dir = os.path.abspath(FLAGS.data_dir)
         built = ensure_datasets(data_dir, ["synthetic_clips", "sample_media"])
         results = {}
         for name, arg in VARIANTS.items():
             config = tiny.get_config(arg)
             config.data.data_dir = data_dir
-            results[name] = measure(config, _BATCHES.value, _WARMUP.value, _REPEATS.value)
+            results[name] = measure(config, FLAGS.batches, FLAGS.warmup, FLAGS.repeats)
             logging.info("%s: %s", name, results[name])
         config = tiny.get_config()
         emit(
@@ -129,6 +128,7 @@ def main(argv: list[str]) -> None:
                     },
                     "data_dir": data_dir,
                     "built_datasets": built,
+                    "load_average": common.load_average(),
                     "results": results,
                     "machine": common.machine_info(),
                 }
@@ -136,5 +136,14 @@ def main(argv: list[str]) -> None:
         )
 
 
+def define_flags() -> None:
+    """Defined only when run as a script, so importing the module never clashes on flag names."""
+    flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir (built if missing).")
+    flags.DEFINE_integer("batches", 50, "Batches measured per variant.")
+    flags.DEFINE_integer("repeats", 3, "Timed passes per variant (median).")
+    flags.DEFINE_integer("warmup", 1, "Batches drawn before timing (opens files, threads).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -67,7 +67,7 @@ class Attention(nn.Module):
         self.v, self.out = nn.Linear(width, width), nn.Linear(width, width)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
 
-    def forward(self, x_BLD, kv_BMD, mask_B1LM, rope=None):
+    def forward(self, x_BLD, kv_BMD, mask_B1LM, rope=None, has_key_B1L1=None):
         B, L, _ = x_BLD.shape
         M = kv_BMD.shape[1]
         H, K = self.num_heads, self.head_dim
@@ -77,8 +77,10 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1LM)
-        # A query with no key at all (padding in cross-attention) outputs 0, as in jaxsora.
-        o = torch.where(mask_B1LM.any(-1, keepdim=True), o, 0.0)
+        if has_key_B1L1 is not None:
+            # A query with no key at all (padding in cross-attention) outputs 0, as in jaxsora.
+            # Self-attention needs no such guard: every token shares its own segment id.
+            o = torch.where(has_key_B1L1, o, 0.0)
         return self.out(o.transpose(1, 2).reshape(B, L, H * K))
 
 
@@ -149,12 +151,12 @@ class DiTBlock(nn.Module):
         self.cross_attn = Attention(width, num_heads)
         self.mlp = Mlp(width, int(mlp_ratio * width))
 
-    def forward(self, x, c_BSD, seg_BL, self_mask, rope, ctx_BMD, cross_mask):
+    def forward(self, x, c_BSD, seg_BL, self_mask, rope, ctx_BMD, cross_mask, has_key):
         mod = per_segment(self.ada(F.silu(c_BSD)), seg_BL)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         h = modulate(layer_norm(x), shift1, scale1)
         x = x + gate1 * self.self_attn(h, h, self_mask, rope)
-        x = x + self.cross_attn(layer_norm(x), ctx_BMD, cross_mask)
+        x = x + self.cross_attn(layer_norm(x), ctx_BMD, cross_mask, has_key_B1L1=has_key)
         h = modulate(layer_norm(x), shift2, scale2)
         return x + gate2 * self.mlp(h)
 
@@ -169,20 +171,21 @@ class DiT(nn.Module):
         self.patch_in = nn.Linear(cfg.patch_dim, D)
         self.time_mlp1 = nn.Linear(256, D)
         self.time_mlp2 = nn.Linear(D, D)
-        self.captions = CaptionEncoder(cfg.text_vocab, cfg.text_len, cfg.text_width,
-                                       cfg.text_depth, cfg.text_heads)
+        self.captions = CaptionEncoder(
+            cfg.text_vocab, cfg.text_len, cfg.text_width, cfg.text_depth, cfg.text_heads
+        )
         self.caption_pool = nn.Linear(cfg.text_width, D)
         self.caption_proj = nn.Linear(cfg.text_width, D)
         self.blocks = nn.ModuleList(
-            [DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+            [DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
+        )
         self.final_ada = nn.Linear(D, 2 * D)
         self.patch_out = nn.Linear(D, cfg.patch_dim)
         for zero in [self.final_ada, self.patch_out, *(b.ada for b in self.blocks)]:
             nn.init.zeros_(zero.weight)  # adaLN-Zero, as in jaxsora
             nn.init.zeros_(zero.bias)
 
-    def forward(self, x_BLP, t_BS, segment_ids_BL, positions_BL3, text_ids_BSLt,
-                text_mask_BSLt):
+    def forward(self, x_BLP, t_BS, segment_ids_BL, positions_BL3, text_ids_BSLt, text_mask_BSLt):
         cfg = self.cfg
         B, S, Lt = text_ids_BSLt.shape
         x = self.patch_in(x_BLP)
@@ -195,10 +198,11 @@ class DiT(nn.Module):
         # Masks and rotations are the same for every block: built once per forward.
         self_mask = segment_mask(segment_ids_BL, segment_ids_BL)
         cross_mask = segment_mask(segment_ids_BL, ctx_seg)
+        has_key = cross_mask.any(-1, keepdim=True)
         angles = rope_angles(positions_BL3, cfg.width // cfg.num_heads, cfg.rope_theta)
         rope = (torch.cos(angles)[:, None], torch.sin(angles)[:, None])
         for block in self.blocks:
-            x = block(x, c, segment_ids_BL, self_mask, rope, ctx, cross_mask)
+            x = block(x, c, segment_ids_BL, self_mask, rope, ctx, cross_mask, has_key)
         shift, scale = per_segment(self.final_ada(F.silu(c)), segment_ids_BL).chunk(2, dim=-1)
         return self.patch_out(modulate(layer_norm(x), shift, scale))
 
@@ -208,12 +212,26 @@ class DiT(nn.Module):
 
 def jax_params(jax_model) -> dict[str, np.ndarray]:
     """'blocks.0.ada.kernel' -> array, from nnx.state(model, nnx.Param)."""
-    import jax
     from flax import nnx
 
-    flat = jax.tree_util.tree_flatten_with_path(nnx.state(jax_model, nnx.Param).to_pure_dict())[0]
-    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(v)
-            for path, v in flat}
+    return named_arrays(nnx.state(jax_model, nnx.Param).to_pure_dict())
+
+
+def named_arrays(pure: dict) -> dict[str, np.ndarray]:
+    """Dotted names for a pure dict of the DiT's parameters (or of their gradients)."""
+    import jax
+
+    out = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(pure)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        value = np.asarray(value)
+        if keys[0] == "blocks" and not keys[1].isdigit():
+            # Scanned blocks (DiTConfig.scan_layers): one array per weight, layers stacked first.
+            for i, layer in enumerate(value):
+                out[".".join(["blocks", str(i), *keys[1:]])] = layer
+        else:
+            out[".".join(keys)] = value
+    return out
 
 
 def torch_name(jax_name: str) -> tuple[str, bool]:
@@ -263,9 +281,10 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in batch.items()}
 
 
-def randomize(jax_model, seed: int = 1, scale: float = 0.2) -> None:
+def randomize(jax_model, seed: int = 1, scale: float = 0.05) -> None:
     """Adds noise to every JAX weight (in place): adaLN-Zero layers start at zero, which would
-    make both outputs exactly 0 and a parity check vacuous."""
+    make both outputs exactly 0 and a parity check vacuous. The default scale keeps outputs O(1),
+    where float32 rounding (~1e-6 relative) stays well under an absolute tolerance of 1e-4."""
     import jax
     from flax import nnx
 
@@ -276,21 +295,29 @@ def randomize(jax_model, seed: int = 1, scale: float = 0.2) -> None:
     nnx.update(jax_model, jax.tree.unflatten(tree, noisy))
 
 
-def check_parity(jax_model, batch: dict[str, np.ndarray], seed: int = 0,
-                 tol: float = PARITY_TOL) -> float:
+def check_parity(
+    jax_model, batch: dict[str, np.ndarray], seed: int = 0, tol: float = PARITY_TOL
+) -> float:
     """Max |torch - JAX| of the DiT forward on one batch of packs, float32; raises over `tol`.
 
     Copies `jax_model`'s weights into a fresh torch DiT, draws per-segment times, and runs both
-    on the same noisy tokens. Use a model with non-zero adaLN weights (see `randomize`).
+    on the pack's tokens. Use a float32 model with non-zero adaLN weights (see `randomize`).
     """
     import jax.numpy as jnp
+    from flax import nnx
 
     rng = np.random.default_rng(seed)
     B, S = batch["grid"].shape[:2]
     t = rng.uniform(0.05, 0.95, (B, S)).astype(np.float32)
-    inputs = [batch["tokens"], t, batch["segment_ids"], batch["positions"], batch["text_ids"],
-              batch["text_mask"]]
-    want = np.asarray(jax_model(*(jnp.asarray(x) for x in inputs)))
+    inputs = [
+        batch["tokens"],
+        t,
+        batch["segment_ids"],
+        batch["positions"],
+        batch["text_ids"],
+        batch["text_mask"],
+    ]
+    want = np.asarray(nnx.jit(lambda m, *x: m(*x))(jax_model, *(jnp.asarray(x) for x in inputs)))
     if not np.abs(want).max() > 1e-3:
         raise ValueError("the JAX output is ~0 (adaLN-Zero init?): randomize() the model first")
     model = from_jax(jax_model).eval()
@@ -299,6 +326,56 @@ def check_parity(jax_model, batch: dict[str, np.ndarray], seed: int = 0,
     diff = float(np.abs(got - want).max())
     if not diff < tol:
         raise AssertionError(f"torch DiT differs from the JAX DiT by {diff:.3g} (tol {tol})")
+    return diff
+
+
+def check_grad_parity(
+    jax_model, batch: dict[str, np.ndarray], flow_cfg, seed: int = 0, tol: float = 1e-3
+) -> float:
+    """Max |torch - JAX| of the loss gradients w.r.t. every weight, relative to the largest
+    gradient; raises over `tol`. Both sides see the same noised inputs (times, noise and caption
+    dropout drawn once), so this checks the backward pass and the packed loss, not the RNGs."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxsora.diffusion import flow
+
+    model = from_jax(jax_model)
+    tb = to_torch(batch)
+    gen = torch.Generator().manual_seed(seed)
+    B, S = batch["grid"].shape[:2]
+    drop = torch.rand(B, S, generator=gen) < 0.3  # some dropped captions, whatever the config
+    x_t, t_BS, text_mask, target = flow_inputs(tb, flow_cfg, gen, drop=drop)
+    loss = packed_loss(
+        model(x_t, t_BS, tb["segment_ids"], tb["positions"], tb["text_ids"], text_mask),
+        target,
+        tb["segment_ids"],
+        tb["cond_mask"],
+        S,
+    )
+    loss.backward()
+    got = {name: p.grad.numpy() for name, p in model.named_parameters()}
+
+    inputs = [
+        jnp.asarray(x.numpy())
+        for x in (x_t, t_BS, tb["segment_ids"], tb["positions"], tb["text_ids"], text_mask)
+    ]
+
+    def jax_loss(m):
+        return flow.packed_loss(
+            m(*inputs), jnp.asarray(target.numpy()), inputs[2], jnp.asarray(batch["cond_mask"]), S
+        )[0]
+
+    grads = named_arrays(nnx.jit(nnx.grad(jax_loss))(jax_model).to_pure_dict())
+    scale = max(float(np.abs(g).max()) for g in grads.values())
+    diff = 0.0
+    for name, g in grads.items():
+        tname, transpose = torch_name(name)
+        diff = max(diff, float(np.abs((g.T if transpose else g) - got[tname]).max()) / scale)
+    if not diff < tol:
+        raise AssertionError(
+            f"torch gradients differ from JAX's by {diff:.3g} of the largest gradient (tol {tol})"
+        )
     return diff
 
 
@@ -343,10 +420,10 @@ def flow_inputs(batch, flow_cfg, generator: torch.Generator, t_BS=None, noise=No
 
 def loss_fn(model: DiT, batch, flow_cfg, generator, **fixed):
     x_t, t_BS, text_mask, target = flow_inputs(batch, flow_cfg, generator, **fixed)
-    pred = model(x_t, t_BS, batch["segment_ids"], batch["positions"], batch["text_ids"],
-                 text_mask)
-    return packed_loss(pred, target, batch["segment_ids"], batch["cond_mask"],
-                       batch["grid"].shape[1])
+    pred = model(x_t, t_BS, batch["segment_ids"], batch["positions"], batch["text_ids"], text_mask)
+    return packed_loss(
+        pred, target, batch["segment_ids"], batch["cond_mask"], batch["grid"].shape[1]
+    )
 
 
 class TrainStep:
@@ -355,12 +432,17 @@ class TrainStep:
     def __init__(self, model: DiT, config, fused_adamw: bool = False, compile_model=None):
         o = config.optim
         self.model, self.config = model, config
-        self.forward_model = compile_model or model
+        self.forward_model = model if compile_model is None else compile_model
         self.params = [p for p in model.parameters()]
         self.ema = [p.detach().clone() for p in self.params]
-        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.b1, o.b2), eps=1e-8,
-                                     weight_decay=o.weight_decay,
-                                     **({"fused": True} if fused_adamw else {}))
+        self.opt = torch.optim.AdamW(
+            self.params,
+            lr=o.lr,
+            betas=(o.b1, o.b2),
+            eps=1e-8,
+            weight_decay=o.weight_decay,
+            **({"fused": True} if fused_adamw else {}),
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._schedule)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0

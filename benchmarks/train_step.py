@@ -12,14 +12,22 @@ MFU divides the analytic FLOPs of jaxsora.flops by the best of a few runs of
 `flops.measure_matmul_peak` taken in the same process: on a shared CPU contention only ever
 slows a probe down, so the fastest probe is the closest to the machine's real peak.
 
-A breakdown (--breakdown) also times the forward pass alone, forward + backward without the
-optimizer, and the attention core (jaxsora.models.attention) alone at the step's shapes.
+Where the time goes (--breakdown): the forward pass alone, forward + backward without the
+optimizer, the attention core alone at the step's shapes, and the same step with the blocks
+unrolled instead of scanned, timed round-robin so background load falls on all alike; the share
+of dense attention work that the segment mask keeps; and (--profile) XLA's own per-op trace of
+a few steps, summed by op kind.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import glob
+import os
+import re
+import tempfile
 import time
 
 import jax
@@ -30,12 +38,7 @@ from flax import nnx
 
 from benchmarks import common
 
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Take the batch from the real pipeline here.")
-_PEAK_PROBES = flags.DEFINE_integer("peak_probes", 3, "1 s matmul probes; the best one is used.")
-_BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Also time forward, backward, attention.")
-_CONFIG_ARG = flags.DEFINE_string("config_arg", "", "experiments/tiny.py variant, e.g. runlocal.")
+FLAGS = flags.FLAGS
 
 
 def tiny_config(arg: str | None = None):
@@ -51,7 +54,7 @@ def make_batch(config, data_dir: str = "", seed: int = 0) -> dict[str, np.ndarra
     from jaxsora.compression import make_stage
     from jaxsora.data import pipeline
 
-    config.data.data_dir = data_dir
+    config.data.data_dir = os.path.abspath(data_dir)
     return next(pipeline.make_batches(config, make_stage(config.model.compression)))
 
 
@@ -107,8 +110,26 @@ def xla_flops(compiled) -> float | None:
         return None
 
 
-def breakdown(step: JaxStep, warmup: int, reps: int) -> dict:
-    """Median seconds of the parts of a step, each compiled on its own."""
+def attention_useful_fraction(batch: dict[str, np.ndarray]) -> dict:
+    """Share of the dense score matrices that the segment mask keeps: the xla backend computes
+    L x L (self) and L x S*Lt (cross) scores per pack; only same-segment pairs are used."""
+    seg, text_mask = batch["segment_ids"], batch["text_mask"]
+    B, L = seg.shape
+    S, Lt = text_mask.shape[1:]
+    self_kept = cross_kept = 0
+    for b in range(B):
+        counts = np.bincount(seg[b], minlength=S + 1)
+        self_kept += int((counts[1:] ** 2).sum())
+        cross_kept += int((counts[1:] * text_mask[b].sum(-1)).sum())
+    return {
+        "self_attention": self_kept / (B * L * L),
+        "cross_attention": cross_kept / (B * L * S * Lt),
+    }
+
+
+def breakdown(step: JaxStep, reps: int) -> tuple[dict, float | None]:
+    """Median seconds of the parts of a step, each compiled on its own, timed round-robin; and
+    XLA's FLOP count of the unrolled step (a scanned step's count has the loop body once)."""
     from jaxsora import train
     from jaxsora.models.attention import attention
 
@@ -138,22 +159,70 @@ def breakdown(step: JaxStep, warmup: int, reps: int) -> dict:
     seg = b["segment_ids"]
     ctx_seg = jnp.where(b["text_mask"], jnp.arange(1, S + 1)[None, :, None], 0).reshape(B, -1)
 
+    @jax.jit
     def attn_grad(q, k, v, seg_kv):
         f = lambda q, k, v: jnp.sum(attention(q, k, v, seg, seg_kv) ** 2)
         return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
 
-    attn_grad = jax.jit(attn_grad)
+    depth = config.model.depth
     parts = {
+        "full_step": step,
         "forward": lambda: jax.block_until_ready(forward(step.state, b)),
         "forward_backward": lambda: jax.block_until_ready(forward_backward(step.state, b)),
         "self_attention_core_fwd_bwd_all_layers": lambda: [
-            jax.block_until_ready(attn_grad(q, q, q, seg)) for _ in range(config.model.depth)],
+            jax.block_until_ready(attn_grad(q, q, q, seg)) for _ in range(depth)
+        ],
         "cross_attention_core_fwd_bwd_all_layers": lambda: [
-            jax.block_until_ready(attn_grad(q, ctx, ctx, ctx_seg))
-            for _ in range(config.model.depth)],
+            jax.block_until_ready(attn_grad(q, ctx, ctx, ctx_seg)) for _ in range(depth)
+        ],
     }
-    return {name: common.summary(common.timed(fn, warmup, reps))["median"]
-            for name, fn in parts.items()}
+    unrolled_flops = xla_flops(step.compiled)
+    if config.model.get("scan_layers", False):
+        unrolled_config = config.copy_and_resolve_references()
+        unrolled_config.model.scan_layers = False
+        unrolled = build_jax_step(unrolled_config, jax.device_get(step.batch))
+        parts["full_step_unrolled_blocks"] = unrolled
+        unrolled_flops = xla_flops(unrolled.compiled)
+    times = {name: [] for name in parts}
+    for fn in parts.values():  # compile and warm up
+        fn()
+        fn()
+    for _ in range(reps):
+        for name, fn in parts.items():
+            times[name] += common.timed(fn, 0, 1)
+    return {name: common.summary(t)["median"] for name, t in times.items()}, unrolled_flops
+
+
+def op_profile(step: JaxStep, steps: int = 3, top: int = 12) -> dict | None:
+    """XLA's per-op trace of a few steps, summed by op kind (the HLO name without its number),
+    as a share of all op time: which kinds of work the step spends its time on."""
+    try:
+        from jax.profiler import ProfileData
+
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                for _ in range(steps):
+                    step()
+            path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+            data = ProfileData.from_file(path)
+        kinds: collections.Counter = collections.Counter()
+        for plane in data.planes:
+            for line in plane.lines:
+                if "XLAEigen" not in line.name:  # XLA:CPU's compute threads
+                    continue
+                for ev in line.events:
+                    if not ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                        kinds[re.sub(r"\.\d+$", "", ev.name)] += ev.duration_ns
+        total = sum(kinds.values())
+        if not total:
+            return None
+        return {
+            "op_seconds_per_step": total / steps / 1e9,
+            "share_by_kind": {k: v / total for k, v in kinds.most_common(top)},
+        }
+    except Exception as e:  # the profiler API is young; never fail the benchmark over it
+        logging.warning("op profile unavailable: %s", e)
+        return None
 
 
 def matmul_peak(probes: int) -> tuple[float, list[float]]:
@@ -165,11 +234,23 @@ def matmul_peak(probes: int) -> tuple[float, list[float]]:
 
 def config_summary(config) -> dict:
     m, d = config.model, config.data
-    return {"batch_size": config.batch_size, "seq_len": d.seq_len,
-            "max_segments": d.max_segments, "width": m.width, "depth": m.depth,
-            "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio, "text_len": m.text_len,
-            "text_width": m.text_width, "text_depth": m.text_depth, "dtype": m.dtype,
-            "attention": m.attention, "patch": list(m.patch)}
+    return {
+        "batch_size": config.batch_size,
+        "seq_len": d.seq_len,
+        "max_segments": d.max_segments,
+        "width": m.width,
+        "depth": m.depth,
+        "num_heads": m.num_heads,
+        "mlp_ratio": m.mlp_ratio,
+        "text_len": m.text_len,
+        "text_width": m.text_width,
+        "text_depth": m.text_depth,
+        "dtype": m.dtype,
+        "attention": m.attention,
+        "patch": list(m.patch),
+        "scan_layers": m.get("scan_layers", None),
+        "remat": m.get("remat", None),
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -177,22 +258,26 @@ def main(argv: list[str]) -> None:
     from jaxsora import flops, train
 
     with common.json_stdout() as emit:
-        config = tiny_config(_CONFIG_ARG.value)
-        batch_np = make_batch(config, _DATA_DIR.value)
+        load_start = common.load_average()
+        config = tiny_config(FLAGS.config_arg)
+        batch_np = make_batch(config, FLAGS.data_dir)
         stats = common.batch_stats(batch_np)
         step = build_jax_step(config, batch_np)
         logging.info("compiled the step in %.1fs", step.compile_s)
-        times = common.timed(step, _WARMUP.value, _STEPS.value)
-        t = common.summary(times)
-        step_flops = flops.train_step_flops(train.dit_config(config), config.batch_size,
-                                            config.data.seq_len, config.data.max_segments)
-        peak, probes = matmul_peak(_PEAK_PROBES.value)
+        t = common.summary(common.timed(step, FLAGS.warmup, FLAGS.steps))
+        step_flops = flops.train_step_flops(
+            train.dit_config(config),
+            config.batch_size,
+            config.data.seq_len,
+            config.data.max_segments,
+        )
+        peak, probes = matmul_peak(FLAGS.peak_probes)
         achieved = step_flops / t["median"]
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(step.model(), nnx.Param)))
         record = {
             "benchmark": "train_step",
             "config": config_summary(config),
-            "batch": "pipeline" if _DATA_DIR.value else "synthetic (online packer)",
+            "batch": "pipeline" if FLAGS.data_dir else "synthetic (online packer)",
             "batch_stats": stats,
             "params": int(n_params),
             "compile_s": step.compile_s,
@@ -201,20 +286,36 @@ def main(argv: list[str]) -> None:
             "slots_per_s": stats["slots"] / t["median"],
             "examples_per_s": stats["examples"] / t["median"],
             "flops_per_step_analytic": step_flops,
-            "flops_per_step_xla": xla_flops(step.compiled),
             "achieved_flops_per_s": achieved,
             "matmul_peak_flops_per_s": peak,
             "matmul_peak_probes": probes,
             "mfu": achieved / peak,
+            "attention_useful_fraction": attention_useful_fraction(batch_np),
             "last_loss": step(),
         }
-        if _BREAKDOWN.value:
-            parts = breakdown(step, warmup=2, reps=max(5, _STEPS.value // 2))
-            parts["full_step"] = t["median"]
-            record["breakdown_s"] = parts
+        if FLAGS.breakdown:
+            record["breakdown_s"], record["flops_per_step_xla"] = breakdown(
+                step, reps=FLAGS.breakdown_reps
+            )
+        if FLAGS.profile:
+            record["xla_op_profile"] = op_profile(step)
+        record["load_average"] = {"start": load_start, "end": common.load_average()}
         record["machine"] = common.machine_info()
         emit(common.round_floats(record))
 
 
+def define_flags() -> None:
+    """Defined only when run as a script, so torch_peer can import this module."""
+    flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
+    flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
+    flags.DEFINE_string("data_dir", "", "Take the batch from the real pipeline here.")
+    flags.DEFINE_integer("peak_probes", 3, "1 s matmul probes; the best one is used.")
+    flags.DEFINE_bool("breakdown", True, "Also time forward, backward, attention, unrolled.")
+    flags.DEFINE_integer("breakdown_reps", 7, "Round-robin repetitions of the breakdown.")
+    flags.DEFINE_bool("profile", True, "Also sum XLA's per-op trace of a few steps by op kind.")
+    flags.DEFINE_string("config_arg", "", "experiments/tiny.py variant, e.g. runlocal.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

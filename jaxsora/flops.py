@@ -36,7 +36,8 @@ def forward_flops(cfg: DiTConfig, batch: int, seq_len: int, max_segments: int) -
         + 2 * 2 * D * hidden  # MLP
     ) * cfg.depth + 2 * 2 * cfg.patch_dim * D
     attention = cfg.depth * (2 * 2 * L * L * D + 2 * 2 * L * S * Lt * D)
-    context = cfg.depth * 2 * 2 * Dt * D * S * Lt + 2 * Dt * D * S * Lt
+    # Captions are projected to the model width once, then to keys and values in every block.
+    context = cfg.depth * 2 * 2 * D * D * S * Lt + 2 * Dt * D * S * Lt
     text = cfg.text_depth * S * Lt * (2 * 4 * Dt * Dt + 2 * 2 * Dt * 4 * Dt + 2 * 2 * Lt * Dt)
     per_segment = cfg.depth * 2 * D * 6 * D + 2 * D * 2 * D + 2 * 2 * 256 * D
     return float(batch * (per_token * L + attention + context + text + per_segment * S))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from jaxsora.compression import make_stage
 from jaxsora.data import packing, video
 from jaxsora.data.media import write_video_outputs
 from jaxsora.diffusion import flow
+from jaxsora.distributed import PreemptionWatch
 from jaxsora.models.dit import DiT
 from jaxsora.models.tokenizer import tokenize
 
@@ -81,8 +83,13 @@ def generate(
     steps: int,
     guidance: float,
     seq_len: int | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> list[np.ndarray]:
-    """Pixels in [0, 1], [T, H, W, 3] per request, in request order."""
+    """Pixels in [0, 1], [T, H, W, 3] per request, in request order.
+
+    `should_stop(step)` is polled before every Euler step (preemption); when it says so, the
+    unfinished batch is abandoned with SamplingInterrupted.
+    """
     stage = make_stage(config.model.compression)
     patch_dim = model.cfg.patch_dim
     examples = [request_example(r, config, patch_dim) for r in requests]
@@ -91,13 +98,13 @@ def generate(
     shape = packing.PackShape(seq_len, config.data.max_segments, patch_dim, config.model.text_len)
     bins = packing.first_fit_decreasing(sizes, shape.seq_len, shape.max_segments)
     batch = packing.stack_packs([packing.build_pack([examples[i] for i in b], shape) for b in bins])
-    x = denoise(
-        model,
-        {k: jnp.asarray(v) for k, v in batch.items()},
-        float(config.flow.base_tokens),
-        steps,
-        guidance,
-    )
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    ts = flow.time_grid(steps, flow.resolution_shift(batch["grid"], config.flow.base_tokens))
+    x = batch["tokens"]
+    for i in range(steps):  # a host loop, so preemption is noticed between steps
+        if should_stop is not None and should_stop(i):
+            raise SamplingInterrupted(f"stopped before Euler step {i + 1} of {steps}")
+        x = euler_step(model, batch, x, ts[i], ts[i + 1], guidance)
     x = np.asarray(x)
     out: list[np.ndarray] = [None] * len(requests)  # type: ignore[list-item]
     for p, b in enumerate(bins):
@@ -110,27 +117,25 @@ def generate(
     return out
 
 
-@nnx.jit(static_argnums=(2, 3, 4))
-def denoise(model: DiT, batch: dict, base_tokens: float, steps: int, guidance: float) -> jax.Array:
+class SamplingInterrupted(RuntimeError):
+    pass
+
+
+@nnx.jit(static_argnums=(5,))
+def euler_step(model: DiT, batch: dict, x, t_BS, t_next_BS, guidance: float) -> jax.Array:
+    """x at t -> x at t_next, with classifier-free guidance (both halves in one batch)."""
     seg, text_ids, text_mask = batch["segment_ids"], batch["text_ids"], batch["text_mask"]
-    null_mask = trainer.null_text_mask(text_mask)
-    null_ids = trainer.null_text_ids(text_ids)
     both = lambda a, b: jnp.concatenate([a, b], axis=0)
-
-    def velocity(x, t_BS):
-        v = model(
-            both(x, x),
-            both(t_BS, t_BS),
-            both(seg, seg),
-            both(batch["positions"], batch["positions"]),
-            both(text_ids, null_ids),
-            both(text_mask, null_mask),
-        )
-        v_cond, v_uncond = jnp.split(v, 2, axis=0)
-        return v_uncond + guidance * (v_cond - v_uncond)
-
-    shift = flow.resolution_shift(batch["grid"], base_tokens)
-    return flow.euler_sample(velocity, batch["tokens"], seg, shift, steps)
+    v = model(
+        both(x, x),
+        both(t_BS, t_BS),
+        both(seg, seg),
+        both(batch["positions"], batch["positions"]),
+        both(text_ids, trainer.null_text_ids(text_ids)),
+        both(text_mask, trainer.null_text_mask(text_mask)),
+    )
+    v_cond, v_uncond = jnp.split(v, 2, axis=0)
+    return flow.euler_update(x, v_uncond + guidance * (v_cond - v_uncond), t_BS, t_next_BS, seg)
 
 
 def load_run(workdir: str, use_ema: bool = True) -> tuple[DiT, ml_collections.ConfigDict]:
@@ -192,13 +197,19 @@ def main(argv):
     model, config = load_run(FLAGS.workdir, FLAGS.ema)
     for r in requests:
         request_grid(r, config)  # bad sizes fail before anything is compiled
-    videos = generate(
-        model,
-        config,
-        requests,
-        steps=FLAGS.steps or config.sample.steps,
-        guidance=config.sample.guidance if FLAGS.guidance is None else FLAGS.guidance,
-    )
+    watch = PreemptionWatch(distributed=False)
+    try:
+        videos = generate(
+            model,
+            config,
+            requests,
+            steps=FLAGS.steps or config.sample.steps,
+            guidance=config.sample.guidance if FLAGS.guidance is None else FLAGS.guidance,
+            should_stop=watch.reached,
+        )
+    except SamplingInterrupted as e:
+        logging.warning("SIGTERM: %s; nothing written, rerun to generate", e)
+        return
     for r, v, out in zip(requests, videos, outs, strict=True):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         paths = write_video_outputs(v, out)

@@ -47,3 +47,17 @@ def test_a_size_the_patch_does_not_divide_is_refused_with_a_suggestion(model_and
     _, config = model_and_config
     with pytest.raises(ValueError, match=r"height=10 must be a positive multiple of 4 .*; try 8"):
         sample.request_grid(sample.Request("x", frames=1, height=10, width=8), config)
+
+
+def test_sampling_polls_for_preemption_every_step(model_and_config):
+    model, config = model_and_config
+    polled = []
+
+    def stop_at_third(step):
+        polled.append(step)
+        return step == 2
+
+    r = sample.Request("a red circle", frames=1, height=8, width=8)
+    with pytest.raises(sample.SamplingInterrupted, match="step 3 of 5"):
+        sample.generate(model, config, [r], steps=5, guidance=1.0, should_stop=stop_at_third)
+    assert polled == [0, 1, 2]

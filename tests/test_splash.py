@@ -1,14 +1,24 @@
 """Splash attention on packs: same numbers as the dense masked path, work that follows segments.
 
-On CPU the kernel runs in the Pallas TPU interpreter (which also checks every block read is in
-bounds), so shapes stay at the smallest that still have several blocks: L=512, blocks of 128.
+On CPU the kernel runs interpreted: the kernel checks use the Pallas TPU interpreter (it simulates
+TPU memory and fails on an out-of-bounds block read, e.g. a bad `data_next`), the model checks the
+default generic interpreter. Shapes stay at the smallest that still have several blocks: L=512,
+blocks of 128.
+The sharded check needs simulated devices configured before JAX's backend starts, so it runs this
+file as a module in a subprocess that prints its measurements as one JSON line.
 """
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental.pallas import tpu as pltpu
 
 from jaxsora.data import packing
 from jaxsora.models import splash
@@ -62,12 +72,13 @@ def test_splash_equals_xla_forward_and_gradients():
         # A non-linear readout so the output cotangent differs per element.
         return lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v, seg, seg)) * w)
 
-    out, grads = jax.jit(
-        lambda q, k, v: (
-            splash.splash_attention(q, k, v, seg, seg),
-            jax.grad(loss(splash.splash_attention), argnums=(0, 1, 2))(q, k, v),
-        )
-    )(q, k, v)
+    with pltpu.force_tpu_interpret_mode():
+        out, grads = jax.jit(
+            lambda q, k, v: (
+                splash.splash_attention(q, k, v, seg, seg),
+                jax.grad(loss(splash.splash_attention), argnums=(0, 1, 2))(q, k, v),
+            )
+        )(q, k, v)
     ref = xla_attention(q, k, v, seg, seg)
     ref_grads = jax.grad(loss(xla_attention), argnums=(0, 1, 2))(q, k, v)
     assert float(jnp.abs(out - ref).max()) < TOL
@@ -115,7 +126,8 @@ def test_kernel_skips_the_tiles_the_mask_leaves_out():
     q, k, v = qkv(1)
     seg = jnp.asarray(SEGS[:1])
     diag = jnp.eye(L // BLOCK, dtype=bool)[None]
-    out = splash._splash_on_tiles(q[:1], k[:1], v[:1], seg, seg, diag, BLOCK, BLOCK)
+    with pltpu.force_tpu_interpret_mode():
+        out = splash._splash_on_tiles(q[:1], k[:1], v[:1], seg, seg, diag, BLOCK, BLOCK)
     ref = xla_attention(q[:1], k[:1], v[:1], seg, seg)
     err = np.abs(np.asarray(out - ref)).max(axis=(2, 3))[0]
     # Segment 1 (tokens 0-99) and segment 4 (400-419) sit inside one block: unaffected.
@@ -175,3 +187,71 @@ def test_dit_with_splash_equals_dit_with_xla():
     ]
     assert np.abs(outs[0][segs > 0]).max() > 0.1
     np.testing.assert_allclose(outs[1][segs > 0], outs[0][segs > 0], atol=TOL, rtol=TOL)
+
+
+@pytest.mark.slow
+def test_sharded_splash_equals_one_device():
+    """Under activation_sharding the kernel runs per (batch, heads) shard inside shard_map."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # a forced device count there would fight jax_num_cpu_devices
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_splash"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stderr[-4000:]}"
+    r = json.loads(lines[-1].removeprefix("RESULT "))
+    assert r["shard_map"], "no shard_map around the kernel under a 4-device mesh"
+    assert r["out_spec"] == r["in_spec"], r
+    for name in ("forward", "dq", "dk", "dv"):
+        assert r[name] < TOL, (name, r[name])
+    assert "model.attention='context'" in r["context_error"], r["context_error"]
+
+
+def _sharded_measurements() -> dict:
+    """Run in the subprocess: 4 simulated devices, batch over `data`, heads over `tensor`."""
+    from jaxsora import sharding
+
+    mesh = sharding.make_mesh({"data": 2, "tensor": 2})
+    q, k, v = qkv()
+    seg = jnp.asarray(SEGS)
+    w = jax.random.normal(jax.random.key(2), q.shape)
+
+    def out_and_grads(attn):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v, seg, seg)) * w)
+        return lambda q, k, v: (attn(q, k, v, seg, seg), jax.grad(loss, (0, 1, 2))(q, k, v))
+
+    def step(q, k, v):
+        with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
+            return out_and_grads(splash.splash_attention)(q, k, v)
+
+    spec = jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    sharded = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)) for x in (q, k, v)]
+    out, grads = jax.jit(step)(*sharded)
+    ref, ref_grads = out_and_grads(xla_attention)(q, k, v)
+    r = {
+        "shard_map": "shard_map" in str(jax.make_jaxpr(step)(*sharded)),
+        "in_spec": str(spec),
+        "out_spec": str(out.sharding.spec),
+        "forward": float(jnp.abs(out - ref).max()),
+    }
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        r[name] = float(jnp.abs(g - rg).max())
+    context_mesh = sharding.make_mesh({"data": 2, "context": 2})
+    try:
+        with sharding.activation_sharding(context_mesh, sharding.DEFAULT_RULES):
+            splash.splash_attention(q, k, v, seg, seg)
+        r["context_error"] = ""
+    except ValueError as e:
+        r["context_error"] = str(e)
+    return r
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_num_cpu_devices", 4)
+    print("RESULT " + json.dumps(_sharded_measurements()))

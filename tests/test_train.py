@@ -3,8 +3,10 @@ early, a checkpoint from another model is refused."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -60,6 +62,51 @@ def test_resume_in_a_fresh_process_matches_the_uninterrupted_run_bitwise(data_di
             jax.tree.leaves(nnx.state(m1)), jax.tree.leaves(nnx.state(m2)), strict=True
         ):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_and_the_rerun_continues_exactly(data_dir, tmp_path):
+    """A single process (no jax.distributed) gets its own SIGTERM handler."""
+    straight, preempted = str(tmp_path / "straight"), str(tmp_path / "preempted")
+    run_train(straight, data_dir, "--config.total_steps=30")
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxsora.train",
+        "--config",
+        "experiments/tiny.py:runlocal,steps=30,source=synthetic_clips/small",
+        f"--config.data.data_dir={data_dir}",
+        f"--workdir={preempted}",
+        "--config.log_every=1",
+        "--config.checkpoint_every=1000",
+    ]
+    child = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    metrics = os.path.join(preempted, "metrics.jsonl")
+    while not (os.path.exists(metrics) and len(losses(preempted)) >= 3):
+        assert child.poll() is None, child.stderr.read()[-3000:]
+        time.sleep(0.1)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=300) == 0
+    stopped = max(losses(preempted))
+    assert 3 <= stopped < 30
+    assert os.listdir(os.path.join(preempted, "checkpoints")) == [str(stopped)]
+    run_train(preempted, data_dir, "--config.total_steps=30")
+    a, b = losses(straight), losses(preempted)
+    assert a == b
+
+
+def test_an_interrupted_save_is_never_loaded(data_dir, tmp_path):
+    config = runlocal_config(data_dir, "runlocal,steps=3")
+    trainer.train(config, str(tmp_path))
+    # What a save killed half-way leaves behind: a temporary directory, never renamed.
+    broken = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp"
+    (broken / "state").mkdir(parents=True)
+    (broken / "state" / "garbage").write_bytes(b"\x00" * 100)
+    config = runlocal_config(data_dir, "runlocal,steps=4")
+    trainer.train(config, str(tmp_path))
+    assert sorted(losses(str(tmp_path))) == [2, 3, 4]  # resumed from 3, not from the broken 9
 
 
 def test_loss_falls_on_synthetic_clips(data_dir, tmp_path):

@@ -89,6 +89,12 @@ def time_grid(num_steps: int, shift_BS: jax.Array) -> jax.Array:
     return shift_time(t[:, None, None], shift_BS[None])
 
 
+def euler_update(x_BLP, v_BLP, t_BS, t_next_BS, segment_ids_BL) -> jax.Array:
+    """One Euler step from t to t_next (smaller), each token at its segment's times."""
+    dt_BL = per_segment(t_BS - t_next_BS, segment_ids_BL)
+    return x_BLP - dt_BL[..., None] * v_BLP
+
+
 def euler_sample(
     velocity_fn: Callable[[jax.Array, jax.Array], jax.Array],
     noise_BLP: jax.Array,
@@ -111,10 +117,7 @@ def euler_sample(
         return jnp.where(cond_mask_BL[..., None], cond_BLP, x)
 
     def step(x, i):
-        t_BS, t_next_BS = ts[i], ts[i + 1]
-        v = velocity_fn(clamp(x), t_BS)
-        dt_BL = per_segment(t_BS - t_next_BS, segment_ids_BL)
-        return x - dt_BL[..., None] * v, None
+        return euler_update(x, velocity_fn(clamp(x), ts[i]), ts[i], ts[i + 1], segment_ids_BL), None
 
     x, _ = jax.lax.scan(step, noise_BLP, jnp.arange(num_steps))
     return clamp(x)

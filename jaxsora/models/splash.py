@@ -22,7 +22,9 @@ never has such rows (a token always sees itself), which is the only place the mo
 backend; cross-attention stays on the dense path.
 
 Batch: each example has its own mask info, so the kernel is vmapped over the batch; Pallas batches
-a kernel with per-example scalar-prefetch operands as a loop of per-example kernels.
+a kernel with per-example scalar-prefetch operands as a loop of per-example kernels. On a mesh
+the kernel runs inside shard_map over batch and heads (XLA cannot partition a Pallas kernel); a
+pack's tokens cannot be split, which is what the `context` backend is for.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def splash_attention(
 ) -> jax.Array:
     """Segment-masked attention [B, L, H, K], numerically `xla_attention` on self-attention.
 
-    Runs natively on TPU and in the Pallas TPU interpreter elsewhere (tests on CPU). Under
+    Runs natively on TPU and in the Pallas interpreter elsewhere (tests on CPU). Under
     `jaxsora.sharding.activation_sharding` it runs inside `shard_map` over the batch and head
     axes, since XLA cannot partition a Pallas kernel by itself.
     """
@@ -236,10 +238,12 @@ def _check_lengths(L: int, M: int, block_q: int, block_kv: int) -> None:
             )
 
 
-def _interpret_mode():
-    """Native on TPU; elsewhere the Pallas TPU interpreter (simulates TPU memory on CPU)."""
-    if jax.default_backend() == "tpu":
-        return False
-    from jax.experimental.pallas import tpu as pltpu
+def _interpret_mode() -> bool:
+    """Native on TPU; elsewhere (tests on CPU) Pallas's generic HLO interpreter.
 
-    return pltpu.InterpretParams()
+    Not the TPU interpreter by default, although it simulates TPU memory more faithfully: its io
+    callbacks are effects that `jax.checkpoint` (model.remat) rejects, and inside shard_map over
+    several simulated CPU devices it hangs (jax 0.10.2). Tests opt into it for the kernel checks
+    with `pltpu.force_tpu_interpret_mode()`, which overrides this choice.
+    """
+    return jax.default_backend() != "tpu"
