@@ -55,7 +55,7 @@ def test_logical_rules_map_to_mesh_axes_and_unknown_names_fail():
 
 def compile_seconds(data_dir, depth):
     config = runlocal_config(data_dir)
-    config.model.depth = depth
+    config.model.depth, config.model.scan_layers = depth, True
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = tuple(tuple(r) for r in config.sharding_rules)
     graphdef, state = nnx.split(trainer.create_train_state(config, mesh, rules))
