@@ -43,6 +43,7 @@ bench: data
 	$(PY) -m benchmarks.packing_efficiency --data_dir $(DATA_DIR)
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.torch_peer
+	$(PY) -m benchmarks.sharded_step
 
 clean:
 	rm -rf $(VENV) data runs

@@ -95,7 +95,7 @@ def build_jax_step(config, batch_np: dict[str, np.ndarray]) -> JaxStep:
     step_fn = train.make_step_fn(graphdef, config)
     batch = pipeline.to_global(batch_np, mesh, rules)
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
         compiled = step_fn.lower(state, batch).compile()
     return JaxStep(compiled, state, batch, graphdef, mesh, config, time.perf_counter() - start)
 
