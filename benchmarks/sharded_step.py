@@ -29,8 +29,11 @@ def main() -> None:
     from absl import flags
 
     flags.DEFINE_integer("devices", 8, "Simulated CPU devices.")
-    flags.DEFINE_string("meshes", "data=1;data=8;data=2,fsdp=2,tensor=2;data=4,context=2",
-                        "Semicolon-separated meshes; the first uses 1 device.")
+    flags.DEFINE_string(
+        "meshes",
+        "data=1;data=8;data=2,fsdp=2,tensor=2;data=4,context=2",
+        "Semicolon-separated meshes; the first uses 1 device.",
+    )
     flags.DEFINE_integer("steps", 10, "Timed steps per mesh (median reported).")
     flags.DEFINE_string("depths", "4,16", "Depths whose (scanned) compile time is measured.")
     flags.FLAGS(sys.argv)
@@ -42,8 +45,12 @@ def main() -> None:
     from jaxsora.checkpointing import Checkpointer
 
     with common.json_stdout() as emit:
-        record: dict = {"benchmark": "sharded_step", "machine": common.machine_info(),
-                        "meshes": {}, "compile_s_by_depth": {}}
+        record: dict = {
+            "benchmark": "sharded_step",
+            "machine": common.machine_info(),
+            "meshes": {},
+            "compile_s_by_depth": {},
+        }
         for text in FLAGS.meshes.split(";"):
             config = tiny_config()
             config.mesh = parse_mesh(text)
@@ -53,15 +60,19 @@ def main() -> None:
             times = common.timed(step, warmup=2, reps=FLAGS.steps)
             save_s, total_s = checkpoint_seconds(step, Checkpointer)
             record["meshes"][text] = {
-                "devices": step.mesh.size, "compile_s": step.compile_s,
-                "step_s": common.summary(times), "checkpoint_blocking_s": save_s,
-                "checkpoint_total_s": total_s, "loss": step(),
+                "devices": step.mesh.size,
+                "compile_s": step.compile_s,
+                "step_s": common.summary(times),
+                "checkpoint_blocking_s": save_s,
+                "checkpoint_total_s": total_s,
+                "loss": step(),
             }
         for depth in (int(d) for d in FLAGS.depths.split(",")):
             config = tiny_config()
             config.model.depth, config.model.scan_layers = depth, True
             config.mesh = parse_mesh("data=1")
-            record["compile_s_by_depth"][depth] = build_jax_step(config, make_batch(config)).compile_s
+            step = build_jax_step(config, make_batch(config))
+            record["compile_s_by_depth"][depth] = step.compile_s
         emit(common.round_floats(record))
 
 
