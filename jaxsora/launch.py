@@ -28,6 +28,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_env(
+    port: int, processes: int, index: int, devices_per_process: int, heartbeat_timeout: int
+) -> dict[str, str]:
+    """The environment `jaxsora.distributed.initialize` reads, for process `index` of a pod."""
+    return dict(
+        os.environ,
+        JAXSORA_COORDINATOR=f"localhost:{port}",
+        JAXSORA_NUM_PROCESSES=str(processes),
+        JAXSORA_PROCESS_ID=str(index),
+        JAXSORA_LOCAL_DEVICES=str(devices_per_process),
+        JAXSORA_HEARTBEAT_TIMEOUT=str(heartbeat_timeout),
+    )
+
+
 def _relay(prefix: str, stream) -> None:
     for line in iter(stream.readline, b""):
         sys.stdout.buffer.write(prefix.encode() + line)
@@ -44,14 +58,7 @@ def launch(
     port = port or free_port()
     children = []
     for i in range(processes):
-        env = dict(
-            os.environ,
-            JAXSORA_COORDINATOR=f"localhost:{port}",
-            JAXSORA_NUM_PROCESSES=str(processes),
-            JAXSORA_PROCESS_ID=str(i),
-            JAXSORA_LOCAL_DEVICES=str(devices_per_process),
-            JAXSORA_HEARTBEAT_TIMEOUT=str(heartbeat_timeout),
-        )
+        env = process_env(port, processes, i, devices_per_process, heartbeat_timeout)
         child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=_relay, args=(f"[p{i}] ", child.stdout), daemon=True).start()
         children.append(child)

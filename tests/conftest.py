@@ -1,6 +1,13 @@
 """Shared fixtures: small datasets built once per test session, and the runlocal config."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +41,22 @@ def randomize_params(model, scale: float = 0.2, seed: int = 1):
     noisy = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
     nnx.update(model, jax.tree.unflatten(tree, noisy))
     return model
+
+
+def run_module_result(module: str, *args: str, timeout: int = 600) -> dict:
+    """Runs `python -m module` in a fresh process (one that may configure simulated devices before
+    JAX starts) and returns the JSON it printed after "RESULT "; fails with its stderr if none."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # a forced device count there would fight jax_num_cpu_devices
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"{module} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import run_module_result
+
 NUM_DEVICES = 8
 # float32 on CPU: the same sums split over devices or blocks move results by a few ulps.
 TOL = 1e-5
@@ -65,22 +63,7 @@ def test_without_a_mesh_both_backends_are_the_reference():
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # a forced device count there would fight jax_num_cpu_devices
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_context_parallel"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(
-            f"multi-device subprocess failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return run_module_result("tests.test_context_parallel")
 
 
 @pytest.mark.slow

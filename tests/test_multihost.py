@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxsora.launch import free_port
+from jaxsora.launch import free_port, process_env
 from jaxsora.sample import load_run
 from tests import restore_check
 
@@ -41,14 +41,7 @@ def start_pod(workdir, data_dir, steps, processes=2, heartbeat=100):
     port = free_port()
     children = []
     for i in range(processes):
-        env = dict(
-            os.environ,
-            JAXSORA_COORDINATOR=f"localhost:{port}",
-            JAXSORA_NUM_PROCESSES=str(processes),
-            JAXSORA_PROCESS_ID=str(i),
-            JAXSORA_LOCAL_DEVICES="2",
-            JAXSORA_HEARTBEAT_TIMEOUT=str(heartbeat),
-        )
+        env = process_env(port, processes, i, devices_per_process=2, heartbeat_timeout=heartbeat)
         log = open(os.path.join(str(workdir) + f".p{i}.log"), "a")  # noqa: SIM115
         children.append(
             subprocess.Popen(

@@ -1,9 +1,6 @@
 """Sharding: the step on 8 simulated devices equals the step on 1; compile time is flat in depth."""
 
-import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -13,23 +10,14 @@ from flax import nnx
 
 from jaxsora import sharding
 from jaxsora import train as trainer
-from tests.conftest import runlocal_config
+from tests.conftest import run_module_result, runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_step_on_8_devices_matches_1_device():
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.sharded_step_check"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    result = json.loads(line[len("RESULT ") :])
+    result = run_module_result("tests.sharded_step_check")
     ref = result.pop("reference_loss")
     assert set(result) == {"data2_fsdp2_tensor2", "data2_context2_tensor2", "fsdp4_context2"}
     for name, r in result.items():

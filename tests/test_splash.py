@@ -9,9 +9,6 @@ file as a module in a subprocess that prints its measurements as one JSON line.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +22,7 @@ from jaxsora.models import splash
 from jaxsora.models.attention import xla_attention
 from jaxsora.models.dit import DiTConfig, make_model
 from jaxsora.models.tokenizer import tokenize
+from tests.conftest import run_module_result
 
 L, H, K, BLOCK = 512, 2, 64, 128
 TOL = 1e-5
@@ -192,20 +190,7 @@ def test_dit_with_splash_equals_dit_with_xla():
 @pytest.mark.slow
 def test_sharded_splash_equals_one_device():
     """Under activation_sharding the kernel runs per (batch, heads) shard inside shard_map."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # a forced device count there would fight jax_num_cpu_devices
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_splash"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stderr[-4000:]}"
-    r = json.loads(lines[-1].removeprefix("RESULT "))
+    r = run_module_result("tests.test_splash", timeout=300)
     assert r["shard_map"], "no shard_map around the kernel under a 4-device mesh"
     assert r["out_spec"] == r["in_spec"], r
     for name in ("forward", "dq", "dk", "dv"):
