@@ -1,5 +1,6 @@
 """The input pipeline: deterministic packs, exact iterator restore, efficiency, bad media."""
 
+import dataclasses
 import logging
 
 import av
@@ -146,3 +147,18 @@ def test_a_missing_dataset_says_how_to_build_it(tmp_path):
     config = runlocal_config(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="data_pipelines.build"):
         batches_for(config)
+
+
+def test_token_dropping_keeps_a_subset_of_each_examples_patches_with_their_positions():
+    frames = np.random.default_rng(0).integers(0, 255, (4, 32, 48, 3)).astype(np.uint8)
+    spec = pipeline.ExampleSpec(patch=(1, 4, 4), min_tokens=96, max_tokens=96, max_frames=4,
+                                frame_stride=1, text_len=8, text_vocab=64)
+    full = pipeline.make_example(frames, "a clip", spec, PixelSpace(), np.random.default_rng(1))
+    dropping = dataclasses.replace(spec, token_drop_rate=0.5)
+    kept = pipeline.make_example(frames, "a clip", dropping, PixelSpace(), np.random.default_rng(1))
+    n_full, n_kept = full["patches"].shape[0], kept["patches"].shape[0]
+    assert n_full == int(np.prod(full["grid"])) and 0.5 * n_full <= n_kept < n_full
+    np.testing.assert_array_equal(kept["grid"], full["grid"])  # the example keeps its size
+    by_position = {tuple(p): x for p, x in zip(full["positions"], full["patches"], strict=True)}
+    for p, x in zip(kept["positions"], kept["patches"], strict=True):
+        np.testing.assert_array_equal(x, by_position[tuple(p)])
