@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -53,10 +54,12 @@ def main() -> None:
         }
         for text in FLAGS.meshes.split(";"):
             config = tiny_config()
+            config.batch_size = 8  # the same global batch on every mesh, divisible by data=8
             config.mesh = parse_mesh(text)
             if "context" in text:
                 config.model.attention = "context"
-            step = build_jax_step(config, make_batch(config))
+            size = int(np.prod(list(config.mesh.values())))
+            step = build_jax_step(config, make_batch(config), jax.devices()[:size])
             times = common.timed(step, warmup=2, reps=FLAGS.steps)
             save_s, total_s = checkpoint_seconds(step, Checkpointer)
             record["meshes"][text] = {
@@ -71,7 +74,7 @@ def main() -> None:
             config = tiny_config()
             config.model.depth, config.model.scan_layers = depth, True
             config.mesh = parse_mesh("data=1")
-            step = build_jax_step(config, make_batch(config))
+            step = build_jax_step(config, make_batch(config), jax.devices()[:1])
             record["compile_s_by_depth"][depth] = step.compile_s
         emit(common.round_floats(record))
 

@@ -81,18 +81,18 @@ class JaxStep:
         return nnx.merge(self.graphdef, self.state).model
 
 
-def build_jax_step(config, batch_np: dict[str, np.ndarray]) -> JaxStep:
+def build_jax_step(config, batch_np: dict[str, np.ndarray], devices=None) -> JaxStep:
     """Mesh, sharded train state, split, jitted step, AOT compile: as jaxsora.train.train does."""
     from jaxsora import sharding, train
     from jaxsora.data import pipeline
 
     train.validate(config)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = sharding.make_mesh(dict(config.mesh), devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     state_module = train.create_train_state(config, mesh, rules)
     graphdef, state = nnx.split(state_module)
     del state_module
-    step_fn = train.make_step_fn(graphdef, config)
+    step_fn = train.make_step_fn(graphdef, config, jax.tree.map(lambda x: x.sharding, state))
     batch = pipeline.to_global(batch_np, mesh, rules)
     start = time.perf_counter()
     with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):

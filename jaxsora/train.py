@@ -173,14 +173,22 @@ def train_step(state: TrainState, batch: dict, config) -> dict:
     return {"loss": loss, "grad_norm": optax.global_norm(grads), "segments": aux["segments"]}
 
 
-def make_step_fn(graphdef, config):
-    """A pure jitted step over the split state, so it can be compiled ahead of time."""
+def make_step_fn(graphdef, config, state_shardings=None):
+    """A pure jitted step over the split state, so it can be compiled ahead of time.
+
+    The new state is pinned to `state_shardings` (the state's own): left to itself, XLA may hand
+    an updated weight back sharded differently (e.g. over `context`), and the compiled step would
+    then refuse it on the next call.
+    """
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step_fn(state, batch):
         ts = nnx.merge(graphdef, state)
         metrics = train_step(ts, batch, config)
-        return nnx.state(ts), metrics
+        new_state = nnx.state(ts)
+        if state_shardings is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
+        return new_state, metrics
 
     return step_fn
 
@@ -234,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     start = start or 0
 
     # --------------------------------------------------------------------------------- step (AOT)
-    step_fn = make_step_fn(graphdef, config)
+    step_fn = make_step_fn(graphdef, config, jax.tree.map(lambda x: x.sharding, state))
     example = pipeline.to_global(_peek(batches), mesh, rules)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):

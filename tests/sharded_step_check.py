@@ -86,11 +86,33 @@ def loss_and_grads(config, devices, params):
     return float(loss), jax.tree.map(np.asarray, grads), jax.tree.map(np.asarray, state), sharded
 
 
+def two_train_steps(config, devices, values):
+    """Losses of two full train steps (optimizer, EMA) through the trainer's own step function:
+    the second step also checks that the state keeps the shardings the step was compiled for."""
+    mesh = sharding.make_mesh(dict(config.mesh), devices)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    graphdef, state = nnx.split(trainer.create_train_state(config, mesh, rules))
+    if values is not None:
+        state = jax.tree.map(lambda x, v: jax.device_put(v, x.sharding), state, values)
+    start = jax.tree.map(np.asarray, state)
+    batch = {
+        k: jax.device_put(v, sharding.batch_sharding(mesh, rules, v.ndim))
+        for k, v in make_batch(config).items()
+    }
+    step_fn = trainer.make_step_fn(graphdef, config, jax.tree.map(lambda x: x.sharding, state))
+    losses = []
+    with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
+        for _ in range(2):
+            state, metrics = step_fn(state, batch)
+            losses.append(float(metrics["loss"]))
+    return losses, start
+
+
 def main():
-    one, _ = MESHES["data2_fsdp2_tensor2"]
     base = config_for(dict(data=1, fsdp=1, context=1, tensor=1), "xla")
     ref_loss, ref_grads, params, _ = loss_and_grads(base, jax.devices()[:1], None)
-    out = {"reference_loss": ref_loss}
+    ref_two, start_values = two_train_steps(base, jax.devices()[:1], None)
+    out = {"reference_loss": ref_loss, "reference_two_steps": ref_two}
     for name, (mesh_sizes, attention) in MESHES.items():
         loss, grads, _, sharded = loss_and_grads(
             config_for(mesh_sizes, attention), jax.devices(), params
@@ -99,11 +121,13 @@ def main():
             jax.tree.map(lambda a, b: float(np.abs(a - b).max()), grads, ref_grads)
         )
         scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+        two, _ = two_train_steps(config_for(mesh_sizes, attention), jax.devices(), start_values)
         out[name] = {
             "loss": loss,
             "max_grad_diff": max(diffs),
             "grad_scale": scale,
             "weights_sharded": sharded,
+            "two_steps": two,
         }
     print("RESULT " + json.dumps(out))
     sys.stdout.flush()

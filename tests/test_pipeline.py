@@ -151,8 +151,15 @@ def test_a_missing_dataset_says_how_to_build_it(tmp_path):
 
 def test_token_dropping_keeps_a_subset_of_each_examples_patches_with_their_positions():
     frames = np.random.default_rng(0).integers(0, 255, (4, 32, 48, 3)).astype(np.uint8)
-    spec = pipeline.ExampleSpec(patch=(1, 4, 4), min_tokens=96, max_tokens=96, max_frames=4,
-                                frame_stride=1, text_len=8, text_vocab=64)
+    spec = pipeline.ExampleSpec(
+        patch=(1, 4, 4),
+        min_tokens=96,
+        max_tokens=96,
+        max_frames=4,
+        frame_stride=1,
+        text_len=8,
+        text_vocab=64,
+    )
     full = pipeline.make_example(frames, "a clip", spec, PixelSpace(), np.random.default_rng(1))
     dropping = dataclasses.replace(spec, token_drop_rate=0.5)
     kept = pipeline.make_example(frames, "a clip", dropping, PixelSpace(), np.random.default_rng(1))

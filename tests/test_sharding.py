@@ -19,11 +19,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_step_on_8_devices_matches_1_device():
     result = run_module_result("tests.sharded_step_check")
     ref = result.pop("reference_loss")
+    ref_two = result.pop("reference_two_steps")
     assert set(result) == {"data2_fsdp2_tensor2", "data2_context2_tensor2", "fsdp4_context2"}
     for name, r in result.items():
         assert r["weights_sharded"], f"{name}: weights were not actually sharded"
         assert abs(r["loss"] - ref) <= 1e-6 * abs(ref), (name, r["loss"], ref)
         assert r["max_grad_diff"] <= 1e-5 * r["grad_scale"] + 1e-8, (name, r)
+        # Two full steps: the update is the same, and the state fits the compiled step again.
+        np.testing.assert_allclose(r["two_steps"], ref_two, rtol=1e-5, err_msg=name)
 
 
 def test_logical_rules_map_to_mesh_axes_and_unknown_names_fail():
