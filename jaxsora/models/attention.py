@@ -44,5 +44,8 @@ def xla_attention(q, k, v, seg_q, seg_kv):
     mask_B1LM = (seg_q[:, :, None] == seg_kv[:, None, :])[:, None]
     scores_BHLM = jnp.where(mask_B1LM, scores_BHLM, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_BHLM, axis=-1)
-    probs = jnp.where(mask_B1LM.any(axis=-1, keepdims=True), probs, 0.0)
+    # Only cross-attention can leave a query row with no key; self-attention (the same segment-id
+    # array on both sides) always has the token itself, so it skips this pass over the scores.
+    if seg_q is not seg_kv:
+        probs = jnp.where(mask_B1LM.any(axis=-1, keepdims=True), probs, 0.0)
     return jnp.einsum("bhlm,bmhk->blhk", probs.astype(v.dtype), v)
