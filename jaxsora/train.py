@@ -24,7 +24,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from jaxsora import flops, sharding
-from jaxsora.checkpointing import Checkpointer
+from jaxsora.checkpointing import Checkpointer, abstract_like
 from jaxsora.compression import make_stage
 from jaxsora.data import pipeline
 from jaxsora.diffusion import flow
@@ -243,10 +243,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
 
     # --------------------------------------------------------------------------------- step (AOT)
     step_fn = make_step_fn(graphdef, config, jax.tree.map(lambda x: x.sharding, state))
-    example = pipeline.to_global(_peek(batches), mesh, rules)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
-        compiled = step_fn.lower(state, example).compile()
+        compiled = step_fn.lower(
+            state, pipeline.abstract_batch(config, stage, mesh, rules)
+        ).compile()
     logging.info(
         "compiled the train step in %.1fs; memory per device: %s",
         time.perf_counter() - t0,
@@ -294,17 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
 
 
 def checkpoint_target(state) -> dict:
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.to_pure_dict()
-    )
-
-
-def _peek(batches: pipeline.PackedBatches) -> dict:
-    """A batch for compiling, without moving the iterator."""
-    saved = batches.get_state()
-    batch = next(batches)
-    batches.set_state(saved)
-    return batch
+    return abstract_like(state.to_pure_dict())
 
 
 def _check_finite(step: int, metrics: dict) -> dict:

@@ -170,6 +170,17 @@ def make_batches(config, stage: PixelSpace, split: str = "train") -> PackedBatch
         seed=config.seed, stage=stage, max_bad_fraction=d.max_bad_fraction)
 
 
+def abstract_batch(config, stage: PixelSpace, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch's shapes, dtypes and shardings (from the pack format itself), enough to
+    compile the train step before any data is read."""
+    empty = packing.stack_packs([packing.build_pack([], pack_shape(config, stage))])
+    return {
+        k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype,
+                                sharding=batch_sharding(mesh, rules, v.ndim))
+        for k, v in empty.items()
+    }
+
+
 def to_global(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
     """Process-local packs -> global arrays sharded over the batch axes of the mesh."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
