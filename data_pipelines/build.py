@@ -3,6 +3,8 @@
     python -m data_pipelines.build --dataset synthetic_clips:small --data_dir data/tfds
     python -m data_pipelines.build --dataset sample_media --data_dir data/tfds
     python -m data_pipelines.build --dataset video_folder --folder my_clips --data_dir data/mine
+    python -m data_pipelines.build --dataset latents:synthetic_clips --vae_dir runs/vae/vae \
+        --data_dir data/tfds   # the VAE latents of a dataset already built in data_dir
 
 Read back with `builder.as_data_source(split)` or `tfds.data_source(name, data_dir=...)` after
 importing `data_pipelines.build` (the import registers the builders).
@@ -16,6 +18,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from data_pipelines.latents import Latents
 from data_pipelines.sample_media import SampleMedia
 from data_pipelines.synthetic_clips import SyntheticClips
 from data_pipelines.video_folder import VideoFolder
@@ -24,6 +27,7 @@ BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "synthetic_clips": SyntheticClips,
     "sample_media": SampleMedia,
     "video_folder": VideoFolder,
+    "latents": Latents,
 }
 
 
@@ -42,7 +46,7 @@ def build(
 ) -> tfds.core.DatasetBuilder:
     """Prepares `name` under `data_dir` (reusing a finished build unless `overwrite`).
 
-    `builder_kwargs` go to the builder, e.g. `folder=` for video_folder.
+    `builder_kwargs` go to the builder, e.g. `folder=` for video_folder, `vae_dir=` for latents.
     """
     builder = make_builder(name, data_dir, **builder_kwargs)
     mode = (
@@ -75,6 +79,8 @@ def main(argv: list[str]) -> None:
 
     f = flags.FLAGS
     kwargs = {"folder": f.folder} if f.folder else {}
+    if f.vae_dir:
+        kwargs["vae_dir"] = f.vae_dir
     start = time.perf_counter()
     builder = build(f.dataset, f.data_dir, overwrite=f.overwrite, **kwargs)
     print(summary(builder, time.perf_counter() - start))
@@ -87,6 +93,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("dataset", None, f"One of {sorted(BUILDERS)}, optionally ':config'.")
     flags.DEFINE_string("data_dir", "data/tfds", "Where TFDS writes the dataset.")
     flags.DEFINE_string("folder", None, "Media folder, for --dataset video_folder.")
+    flags.DEFINE_string("vae_dir", None, "VAE directory to encode with, for --dataset latents.")
     flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset already exists.")
     flags.mark_flag_as_required("dataset")
 

@@ -7,6 +7,11 @@
 Each request becomes one segment of noise patches arranged in its own T x H x W grid; requests of
 different sizes are packed together, and every segment follows its own resolution-shifted time
 schedule. Classifier-free guidance runs the conditional and unconditional passes as one batch.
+
+Requests are in pixels whatever the compression stage. In pixel space a request's sides are
+multiples of the patch; with a causal VAE (`model.compression="vae"`) T pixel frames are
+T' = 1 + (T-1)/4 latent frames (T = 1, 5, 9, ... and T' a multiple of p_t), sides are multiples
+of 8 * patch, and the generated latents are decoded by the VAE in `model.vae_dir`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from flax import nnx
 
 from jaxsora import train as trainer
 from jaxsora.checkpointing import Checkpointer
-from jaxsora.compression import make_stage
+from jaxsora.compression import Stage, make_stage
 from jaxsora.data import packing, video
 from jaxsora.data.media import write_video_outputs
 from jaxsora.diffusion import flow
@@ -44,24 +49,41 @@ class Request:
     seed: int = 0
 
 
-def request_grid(req: Request, config) -> tuple[int, int, int]:
+def request_grid(req: Request, config, stage: Stage | None = None) -> tuple[int, int, int]:
     """Patch grid of a request; sizes must be whole patches, or the error says which to use."""
-    stage = make_stage(config.model.compression)
+    stage = stage or make_stage(config.model)
     pt, ph, pw = config.model.patch
-    unit = (pt * stage.temporal_factor, ph * stage.spatial_factor, pw * stage.spatial_factor)
-    for field, value, u in zip(
-        ("frames", "height", "width"), (req.frames, req.height, req.width), unit, strict=True
-    ):
+    tf, sf = stage.temporal_factor, stage.spatial_factor
+    unit = (pt * tf, ph * sf, pw * sf)
+    fields = (
+        ("frames", req.frames, unit[0]),
+        ("height", req.height, unit[1]),
+        ("width", req.width, unit[2]),
+    )
+    if stage.causal:  # T = 1 + tf (T' - 1) pixel frames, T' whole temporal patches
+        fields = fields[1:]
+        latent_frames = 1 + (req.frames - 1) // tf if req.frames >= 1 else 0
+        if req.frames < 1 or (req.frames - 1) % tf or latent_frames % pt:
+            ok = 1 + tf * (max(pt, latent_frames // pt * pt) - 1)
+            raise ValueError(
+                f"request {req.name!r}: frames={req.frames} must be 1 + {tf}k (the causal VAE "
+                f"keeps frame 0 alone) with 1 + k a multiple of {pt} (the patch); try {ok}"
+            )
+    for field, value, u in fields:
         if value < u or value % u:
             raise ValueError(
                 f"request {req.name!r}: {field}={value} must be a positive multiple "
                 f"of {u} (the patch size of this model); try {max(u, value // u * u)}"
             )
+    if stage.causal:
+        return (1 + (req.frames - 1) // tf) // pt, req.height // unit[1], req.width // unit[2]
     return req.frames // unit[0], req.height // unit[1], req.width // unit[2]
 
 
-def request_example(req: Request, config, patch_dim: int) -> packing.Example:
-    grid = request_grid(req, config)
+def request_example(
+    req: Request, config, patch_dim: int, stage: Stage | None = None
+) -> packing.Example:
+    grid = request_grid(req, config, stage)
     positions = np.stack(np.meshgrid(*(np.arange(n) for n in grid), indexing="ij"), -1)
     positions = positions.reshape(-1, 3).astype(np.int32)
     noise = np.random.default_rng([req.seed, 0x5EED]).standard_normal((len(positions), patch_dim))
@@ -84,15 +106,25 @@ def generate(
     guidance: float,
     seq_len: int | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    stage: Stage | None = None,
 ) -> list[np.ndarray]:
     """Pixels in [0, 1], [T, H, W, 3] per request, in request order.
 
     `should_stop(step)` is polled before every Euler step (preemption); when it says so, the
-    unfinished batch is abandoned with SamplingInterrupted.
+    unfinished batch is abandoned with SamplingInterrupted. `stage` defaults to the config's
+    (`config.model.compression`, `config.model.vae_dir`); latents go out through its
+    `to_pixels` (the VAE decoder in latent space).
     """
-    stage = make_stage(config.model.compression)
+    stage = stage or make_stage(config.model)
     patch_dim = model.cfg.patch_dim
-    examples = [request_example(r, config, patch_dim) for r in requests]
+    if patch_dim != int(np.prod(config.model.patch)) * stage.channels:
+        raise ValueError(
+            f"the model's patch_dim={patch_dim} does not fit model.patch="
+            f"{tuple(config.model.patch)} x {stage.channels} channels of the "
+            f"{config.model.compression!r} stage; sample with the compression stage (and VAE) "
+            "the model was trained with"
+        )
+    examples = [request_example(r, config, patch_dim, stage) for r in requests]
     sizes = [ex["patches"].shape[0] for ex in examples]
     seq_len = max([seq_len or config.sample.seq_len, *sizes])
     shape = packing.PackShape(seq_len, config.data.max_segments, patch_dim, config.model.text_len)

@@ -50,7 +50,7 @@ class TrainState(nnx.Module):
 def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
     m = config.model
     pt, ph, pw = m.patch
-    stage = make_stage(m.compression)
+    stage = make_stage(m)  # the VAE's z_dim in latent space (loaded once, then cached)
     return DiTConfig(
         patch_dim=pt * ph * pw * stage.channels,
         width=m.width,
@@ -104,7 +104,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"bad config: {message}")
-    make_stage(m.compression)
+    make_stage(m)  # an unknown stage or a bad model.vae_dir fails here, naming the field
 
 
 def create_train_state(config, mesh, rules) -> TrainState:
@@ -202,7 +202,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     config.data.data_dir = os.path.abspath(config.data.data_dir)
-    stage = make_stage(config.model.compression)
+    if config.model.get("vae_dir"):  # saved absolute: the sampler may run from anywhere
+        config.model.vae_dir = os.path.abspath(config.model.vae_dir)
+    stage = make_stage(config.model)
 
     # --------------------------------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(dict(config.mesh))

@@ -8,6 +8,11 @@ online packs -> global batches on the mesh.
       -> OnlinePacker (first-fit decreasing over a buffer)
       -> PackedBatches: B_local packs per step, state = a few integers
 
+Records that carry `latents` (the cached-latents datasets of `data_pipelines/latents`) skip
+decoding and the VAE entirely: the pipeline cuts their latent window, crops them to the token
+budget if needed, normalises them and patchifies them (`cached_example`). Training in latent
+space therefore never runs the encoder.
+
 Bad media (corrupt, empty, no frames) is logged with its path and skipped; the pipeline raises
 only when skipped examples exceed the configured error budget.
 """
@@ -23,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from jaxsora.compression import PixelSpace
+from jaxsora.compression import Stage, VaeMismatchError, check_same_vae
 from jaxsora.data import packing, video
 from jaxsora.data.media import BadMediaError, decode_example
 from jaxsora.models.tokenizer import tokenize
@@ -44,38 +49,162 @@ class ExampleSpec:
     token_drop_rate: float = 0.0  # NaViT token dropping, per example, training only
 
 
-def patch_pixels(spec: ExampleSpec, stage: PixelSpace) -> tuple[int, int, int]:
+def patch_pixels(spec: ExampleSpec, stage: Stage) -> tuple[int, int, int]:
     pt, ph, pw = spec.patch
     return pt * stage.temporal_factor, ph * stage.spatial_factor, pw * stage.spatial_factor
 
 
+def frames_to_latent_grid(
+    frames: np.ndarray, patch: tuple[int, int, int], stage: Stage, token_budget: int
+) -> np.ndarray:
+    """Cuts and resizes uint8 frames so a causal stage's latents patchify within the budget.
+
+    A causal VAE turns T = 1 + tf*(T'-1) pixel frames into T' latent frames (frame 0 is its own
+    latent frame), not tf*T' -> T'. So the grid is fitted in latent frames, `1 + (T-1)//tf` of
+    them available, and the clip is cut to the *first* `1 + tf*(t*p_t - 1)` frames: a contiguous
+    cut keeps the frame rate (spreading the frames out, as the pixel stage does when over
+    budget, would hand the VAE uneven motion). Sides are resized, aspect ratio kept, to
+    multiples of `spatial_factor * p_h` and `spatial_factor * p_w`. Deterministic.
+    """
+    tf, sf = stage.temporal_factor, stage.spatial_factor
+    pt, ph, pw = patch
+    available = 1 + (frames.shape[0] - 1) // tf
+    t, h, w = video.fit_grid(available, frames.shape[1], frames.shape[2], patch, token_budget)
+    n = 1 + tf * (t * pt - 1)
+    frames = frames[:n]
+    if frames.shape[0] < n:  # fewer latent frames than one temporal patch: repeat the last
+        frames = np.concatenate([frames, np.repeat(frames[-1:], n - frames.shape[0], 0)])
+    return video.resize_frames(frames, h * ph * sf, w * pw * sf)
+
+
 def make_example(
-    frames: np.ndarray, caption: bytes | str, spec: ExampleSpec, stage: PixelSpace,
+    frames: np.ndarray,
+    caption: bytes | str,
+    spec: ExampleSpec,
+    stage: Stage,
     rng: np.random.Generator,
 ) -> packing.Example:
-    """Decoded frames [T, H, W, 3] uint8 + caption -> one example for the packer."""
+    """Decoded frames [T, H, W, 3] uint8 + caption -> one example for the packer.
+
+    With a VAE stage this encodes the clip on the spot (compiling the encoder for every new
+    pixel shape): fine for a few clips, slow for training. Train on a latent cache instead.
+    """
     window = video.sample_window(frames.shape[0], spec.max_frames, spec.frame_stride, rng)
     budget = int(rng.integers(spec.min_tokens, spec.max_tokens + 1))
-    frames = video.frames_to_grid(frames[window], patch_pixels(spec, stage), budget)
-    latents = stage.to_latents(frames)
+    if stage.causal:
+        frames = frames_to_latent_grid(frames[window], spec.patch, stage, budget)
+    else:
+        frames = video.frames_to_grid(frames[window], patch_pixels(spec, stage), budget)
+    return _to_example(stage.to_latents(frames), caption, spec, rng)
+
+
+def cached_example(
+    raw_latents: np.ndarray,
+    caption: bytes | str,
+    spec: ExampleSpec,
+    stage: Stage,
+    rng: np.random.Generator,
+    path: str = "<cached latents>",
+) -> packing.Example:
+    """A cached raw posterior mean [T', H', W', C] + caption -> one example, no VAE run.
+
+    The rules, all deterministic (only token dropping draws from `rng`):
+      * time: the first `1 + (max_frames - 1) // tf` latent frames (`data.max_frames` counts
+        pixel frames, as for every source), cut to whole temporal patches. The window always
+        starts at latent frame 0: that frame encodes pixel frame 0 alone, while a later latent
+        frame summarises frames that depend on the ones before it, so a window starting there
+        would begin mid-context and look like no clip the VAE ever encoded from its start.
+        `data.frame_stride` does not apply (latent frames cannot be subsampled).
+      * space: sides cropped (centred) to whole patches; if the clip is over `max_tokens`,
+        latent frames are dropped from the end first, then the frame is centre-cropped to the
+        largest patch grid of its aspect ratio within the budget. A cache built for this
+        budget is never cropped. `min_tokens` does not apply: the cache fixed each clip's size.
+      * values: normalised by the stage's per-channel statistics.
+    """
+    pt, ph, pw = spec.patch
+    z = np.asarray(raw_latents, np.float32)
+    if z.ndim != 4 or z.shape[-1] != stage.channels:
+        raise BadMediaError(
+            path, f"latents have shape {z.shape}, expected [T', H', W', {stage.channels}]"
+        )
+    if z.shape[1] < ph or z.shape[2] < pw:
+        raise BadMediaError(path, f"latents {z.shape} are smaller than one {spec.patch} patch")
+    z = z[: max(1, 1 + (spec.max_frames - 1) // stage.temporal_factor)]
+    if z.shape[0] < pt:
+        z = np.concatenate([z, np.repeat(z[-1:], pt - z.shape[0], 0)])
+    t, h, w = z.shape[0] // pt, z.shape[1] // ph, z.shape[2] // pw
+    if t * h * w > spec.max_tokens:
+        t = max(1, spec.max_tokens // (h * w))
+        if h * w > spec.max_tokens:
+            _, h2, w2 = video.fit_grid(1, h, w, (1, 1, 1), spec.max_tokens)
+            h, w = min(h, h2), min(w, w2)
+    y0, x0 = (z.shape[1] - h * ph) // 2, (z.shape[2] - w * pw) // 2
+    z = z[: t * pt, y0 : y0 + h * ph, x0 : x0 + w * pw]
+    return _to_example(stage.normalize(z), caption, spec, rng)
+
+
+def _to_example(
+    latents: np.ndarray, caption: bytes | str, spec: ExampleSpec, rng: np.random.Generator
+) -> packing.Example:
     patches, positions = video.patchify(latents, spec.patch)
     grid = np.asarray(
-        [latents.shape[0] // spec.patch[0], latents.shape[1] // spec.patch[1],
-         latents.shape[2] // spec.patch[2]], np.int32)
+        [
+            latents.shape[0] // spec.patch[0],
+            latents.shape[1] // spec.patch[1],
+            latents.shape[2] // spec.patch[2],
+        ],
+        np.int32,
+    )
     if spec.token_drop_rate > 0 and patches.shape[0] > 1:
         keep = max(1, round(patches.shape[0] * (1 - rng.uniform(0, spec.token_drop_rate))))
         kept = np.sort(rng.choice(patches.shape[0], keep, replace=False))
         patches, positions = patches[kept], positions[kept]
     text_ids, text_mask = tokenize(caption, spec.text_len, spec.text_vocab)
-    return {"patches": patches, "positions": positions, "grid": grid,
-            "text_ids": text_ids, "text_mask": text_mask}
+    return {
+        "patches": patches,
+        "positions": positions,
+        "grid": grid,
+        "text_ids": text_ids,
+        "text_mask": text_mask,
+    }
 
 
-def open_sources(data_dir: str, sources: list[dict], split: str, seed: int) -> grain.MapDataset:
+def check_source_stage(name: str, records, stage: Stage) -> None:
+    """A latent cache must come from the stage's VAE; pixel records go through any stage.
+
+    Raises before anything compiles: a cache read by a pixel-space DiT, or one encoded by
+    another VAE than `model.vae_dir` (whose decoder the sampler will use), trains a model that
+    can never be decoded correctly.
+    """
+    info = getattr(records, "dataset_info", None)
+    metadata = getattr(info, "metadata", None) or {}
+    cached = metadata.get("vae") if hasattr(metadata, "get") else None
+    if cached is None:
+        if stage.causal:
+            logging.warning(
+                "dataset %r holds pixels: every example is VAE-encoded as it is "
+                "read (slow); build a latent cache with data_pipelines/latents",
+                name,
+            )
+        return
+    identity = getattr(stage, "identity", None)
+    if identity is None:
+        raise VaeMismatchError(
+            f"config data.sources: dataset {name!r} holds latents of the VAE in "
+            f"{cached.get('vae_dir')!r}, but model.compression is not 'vae'; set "
+            f"model.compression='vae' and model.vae_dir={cached.get('vae_dir')!r}"
+        )
+    check_same_vae(cached, identity, name)
+
+
+def open_sources(
+    data_dir: str, sources: list[dict], split: str, seed: int, stage: Stage | None = None
+) -> grain.MapDataset:
     """Each source's shard for this process, shuffled per epoch and repeated, then mixed.
 
     Every process gets the same number of records from each source (the remainder is dropped), so
     hosts step in lockstep and never wait on a collective that one of them will not reach.
+    With `stage`, each source is checked against it (`check_source_stage`).
     """
     datasets, weights = [], []
     for i, src in enumerate(sources):
@@ -88,11 +217,15 @@ def open_sources(data_dir: str, sources: list[dict], split: str, seed: int) -> g
                 f"Build it with `python -m data_pipelines.build --dataset {name} "
                 f"--data_dir {data_dir}` (or `make data`)"
             ) from e
+        if stage is not None:
+            check_source_stage(name, records, stage)
         ds = grain.MapDataset.source(records)
         per_process = len(ds) // jax.process_count()
         if per_process == 0:
-            raise ValueError(f"dataset {name!r} has {len(ds)} records, fewer than the "
-                             f"{jax.process_count()} processes reading it")
+            raise ValueError(
+                f"dataset {name!r} has {len(ds)} records, fewer than the "
+                f"{jax.process_count()} processes reading it"
+            )
         start = jax.process_index() * per_process
         ds = ds[start : start + per_process].seed(seed + 7919 * i).shuffle().repeat()
         datasets.append(ds)
@@ -103,9 +236,18 @@ def open_sources(data_dir: str, sources: list[dict], split: str, seed: int) -> g
 class PackedBatches(Iterator[dict[str, np.ndarray]]):
     """Endless batches of this process's packs, with a JSON-able state for checkpoints."""
 
-    def __init__(self, records: grain.MapDataset, spec: ExampleSpec, shape: packing.PackShape,
-                 batch_size: int, buffer_size: int, seed: int, stage: PixelSpace,
-                 max_bad_fraction: float = 0.05, min_bad_allowed: int = 8):
+    def __init__(
+        self,
+        records: grain.MapDataset,
+        spec: ExampleSpec,
+        shape: packing.PackShape,
+        batch_size: int,
+        buffer_size: int,
+        seed: int,
+        stage: Stage,
+        max_bad_fraction: float = 0.05,
+        min_bad_allowed: int = 8,
+    ):
         self._records, self._spec, self._stage, self._seed = records, spec, stage, seed
         self._batch_size = batch_size
         self._max_bad_fraction, self._min_bad_allowed = max_bad_fraction, min_bad_allowed
@@ -113,12 +255,21 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
 
     def example_at(self, index: int) -> packing.Example | None:
         record = self._records[index]
+        rng = np.random.default_rng([self._seed, index])
         try:
+            if "latents" in record:  # a latent cache: no decoding, no VAE
+                return cached_example(
+                    record["latents"],
+                    record["caption"],
+                    self._spec,
+                    self._stage,
+                    rng,
+                    path=_path(record),
+                )
             frames = decode_example(record, max_frames=None)
         except BadMediaError as e:
             logging.warning("skipping example %d: %s", index, e)
             return None
-        rng = np.random.default_rng([self._seed, index])
         return make_example(frames, record["caption"], self._spec, self._stage, rng)
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -143,45 +294,71 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         self.packer.set_state(state)
 
 
+def _path(record) -> str:
+    path = record.get("path", b"?") if hasattr(record, "get") else b"?"
+    return path.decode("utf-8", "replace") if isinstance(path, bytes) else str(path)
+
+
 def example_spec(config) -> ExampleSpec:
     d, m = config.data, config.model
     return ExampleSpec(
-        patch=tuple(m.patch), min_tokens=d.min_tokens, max_tokens=d.max_tokens,
-        max_frames=d.max_frames, frame_stride=d.frame_stride, text_len=m.text_len,
-        text_vocab=m.text_vocab, token_drop_rate=d.get("token_drop_rate", 0.0))
+        patch=tuple(m.patch),
+        min_tokens=d.min_tokens,
+        max_tokens=d.max_tokens,
+        max_frames=d.max_frames,
+        frame_stride=d.frame_stride,
+        text_len=m.text_len,
+        text_vocab=m.text_vocab,
+        token_drop_rate=d.get("token_drop_rate", 0.0),
+    )
 
 
-def pack_shape(config, stage: PixelSpace) -> packing.PackShape:
+def pack_shape(config, stage: Stage) -> packing.PackShape:
     pt, ph, pw = config.model.patch
-    return packing.PackShape(seq_len=config.data.seq_len, max_segments=config.data.max_segments,
-                             patch_dim=pt * ph * pw * stage.channels, text_len=config.model.text_len)
+    return packing.PackShape(
+        seq_len=config.data.seq_len,
+        max_segments=config.data.max_segments,
+        patch_dim=pt * ph * pw * stage.channels,
+        text_len=config.model.text_len,
+    )
 
 
-def make_batches(config, stage: PixelSpace, split: str = "train") -> PackedBatches:
+def make_batches(config, stage: Stage, split: str = "train") -> PackedBatches:
     """This process's share of the global batch (config.batch_size packs over all processes)."""
     d = config.data
     if config.batch_size % jax.process_count():
-        raise ValueError(f"config batch_size={config.batch_size} is not divisible by the "
-                         f"{jax.process_count()} processes")
-    records = open_sources(d.data_dir, list(d.sources), split, config.seed)
+        raise ValueError(
+            f"config batch_size={config.batch_size} is not divisible by the "
+            f"{jax.process_count()} processes"
+        )
+    records = open_sources(d.data_dir, list(d.sources), split, config.seed, stage)
     return PackedBatches(
-        records, example_spec(config), pack_shape(config, stage),
-        batch_size=config.batch_size // jax.process_count(), buffer_size=d.buffer_size,
-        seed=config.seed, stage=stage, max_bad_fraction=d.max_bad_fraction)
+        records,
+        example_spec(config),
+        pack_shape(config, stage),
+        batch_size=config.batch_size // jax.process_count(),
+        buffer_size=d.buffer_size,
+        seed=config.seed,
+        stage=stage,
+        max_bad_fraction=d.max_bad_fraction,
+    )
 
 
-def abstract_batch(config, stage: PixelSpace, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config, stage: Stage, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch's shapes, dtypes and shardings (from the pack format itself), enough to
     compile the train step before any data is read."""
     empty = packing.stack_packs([packing.build_pack([], pack_shape(config, stage))])
     return {
-        k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype,
-                                sharding=batch_sharding(mesh, rules, v.ndim))
+        k: jax.ShapeDtypeStruct(
+            (config.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding(mesh, rules, v.ndim)
+        )
         for k, v in empty.items()
     }
 
 
 def to_global(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
     """Process-local packs -> global arrays sharded over the batch axes of the mesh."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+        for k, v in batch.items()
+    }
