@@ -7,8 +7,10 @@ DATA_DIR := data/tfds
 WORKDIR ?= runs/default
 CONFIG ?= experiments/tiny.py
 SAMPLES ?= experiments/samples_tiny.jsonl
+VAE_WORKDIR ?= runs/vae
+LATENT_WORKDIR ?= runs/latent
 
-.PHONY: install data train sample test lint bench clean
+.PHONY: install data train train-latent sample test lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,17 @@ train: data
 	$(PY) -m jaxsora.train --config $(CONFIG) --workdir $(WORKDIR)
 	$(MAKE) sample
 
+# The latent-space chain: train the VAE, cache the latents of the synthetic clips once, train the
+# DiT on them (never running the encoder), sample through the VAE's decoder.
+train-latent: data
+	$(PY) -m jaxsora.train_vae --config experiments/vae_tiny.py --workdir $(VAE_WORKDIR)
+	$(PY) -m data_pipelines.build --dataset latents:synthetic_clips --vae_dir $(VAE_WORKDIR)/vae \
+		--data_dir $(DATA_DIR)
+	$(PY) -m jaxsora.train --config experiments/latent_tiny.py:vae_dir=$(VAE_WORKDIR)/vae \
+		--workdir $(LATENT_WORKDIR)
+	$(PY) -m jaxsora.sample --workdir $(LATENT_WORKDIR) \
+		--requests experiments/samples_latent_tiny.jsonl
+
 sample: install
 	$(PY) -m jaxsora.sample --workdir $(WORKDIR) --requests $(SAMPLES)
 
@@ -44,6 +57,7 @@ bench: data
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.torch_peer
 	$(PY) -m benchmarks.sharded_step
+	$(PY) -m benchmarks.vae_reconstruction --vae_dir $(VAE_WORKDIR)/vae --data_dir $(DATA_DIR)
 
 clean:
 	rm -rf $(VENV) data runs

@@ -1,5 +1,5 @@
 """The default CPU config of the causal video VAE: a small Wan-2.1-layout VAE (4x time, 8x
-space, 8 latent channels) on the bundled synthetic clips and real videos/photos.
+space, 16 latent channels) on the bundled synthetic clips and real videos/photos.
 
     python -m jaxsora.train_vae --config experiments/vae_tiny.py --workdir runs/vae
 
@@ -19,10 +19,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg)
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 1000
+    c.total_steps = 2000
     c.stop_after = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0 = never
     c.log_every = 25
-    c.checkpoint_every = 300
+    c.checkpoint_every = 500
     c.keep_checkpoints = 2
     c.latent_stats_batches = 8  # batches whose posterior means give the per-channel statistics
 
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Field names and meaning as diffusers' AutoencoderKLWan (jaxsora/models/vae.py).
     c.vae = ml_collections.ConfigDict()
     c.vae.base_dim = 16
-    c.vae.z_dim = 8
+    c.vae.z_dim = 16  # as Wan 2.1: 48x fewer numbers than pixels
     c.vae.dim_mult = (1, 2, 4, 4)
     c.vae.num_res_blocks = 1
     c.vae.attn_scales = ()

@@ -78,7 +78,12 @@ class Checkpointer:
         return saved["config"]
 
     def restore(
-        self, step: int, abstract_state: Any, model_config: dict, iterator: Any | None = None
+        self,
+        step: int,
+        abstract_state: Any,
+        model_config: dict,
+        iterator: Any | None = None,
+        config_key: str = "model",
     ) -> Any:
         """State restored onto the shardings in `abstract_state` (any mesh, any device count).
 
@@ -86,8 +91,8 @@ class Checkpointer:
         data iterator is restored too when this process wrote a state for it; with another
         process count there is none to match, and the iterator keeps its fresh state (logged).
         """
-        saved_model = self.saved_config(step).get("model", {})
-        check_model_config(saved_model, model_config, self.directory, step)
+        saved_model = self.saved_config(step).get(config_key, {})
+        check_model_config(saved_model, model_config, self.directory, step, config_key)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
@@ -116,15 +121,17 @@ class Checkpointer:
         self._manager.close()
 
 
-def check_model_config(saved: dict, current: dict, directory: str, step: int) -> None:
+def check_model_config(
+    saved: dict, current: dict, directory: str, step: int, config_key: str = "model"
+) -> None:
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, list | tuple) and isinstance(b, list | tuple):
             a, b = list(a), list(b)
         if a != b:
             raise CheckpointMismatchError(
-                f"checkpoint {directory}/{step} was written with model.{key}={a!r} but the config "
-                f"says model.{key}={b!r}; use the matching config or a new --workdir"
+                f"checkpoint {directory}/{step} was written with {config_key}.{key}={a!r} but the "
+                f"config says {config_key}.{key}={b!r}; use the matching config or a new --workdir"
             )
 
 

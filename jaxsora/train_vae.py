@@ -47,12 +47,15 @@ class VaeTrainState(nnx.Module):
         # Present only when the adversarial term is on, so plain runs carry no extra state.
         self.disc = (
             vae_losses.PatchDiscriminator(config.loss.disc_width, rngs=nnx.Rngs(config.seed + 1))
-            if adversarial else None
+            if adversarial
+            else None
         )
         self.disc_optimizer = (
-            nnx.Optimizer(self.disc, make_optimizer(config.optim, config.total_steps),
-                          wrt=nnx.Param)
-            if adversarial else None
+            nnx.Optimizer(
+                self.disc, make_optimizer(config.optim, config.total_steps), wrt=nnx.Param
+            )
+            if adversarial
+            else None
         )
         self.step = RunVar(jnp.zeros((), jnp.int32))
         self.rng = RunVar(jax.random.key_data(jax.random.key(config.seed)))
@@ -233,8 +236,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
                 f"bad config: data.buckets[{i}] has videos={b.videos}, images={b.images}; each "
                 f"must be divisible by the {dp} data-parallel devices of mesh {dict(mesh.shape)}"
             )
-    logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
-                 jax.process_count())
+    logging.info(
+        "mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count()
+    )
 
     # ----------------------------------------------------------------------------- input pipeline
     batches = vae_data.make_vae_batches(config)
@@ -252,8 +256,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-        restored = ckpt.restore(start, abstract_like(state.to_pure_dict()),
-                                config.vae.to_dict(), batches)
+        restored = ckpt.restore(
+            start,
+            abstract_like(state.to_pure_dict()),
+            config.vae.to_dict(),
+            batches,
+            config_key="vae",
+        )
         nnx.replace_by_pure_dict(state, restored)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
     start = start or 0
@@ -267,9 +276,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
             c = step_fn.lower(state, abstract_batch(b, mesh, rules)).compile()
         compiled.append(c)
         step_flops.append(_flops(c))
-        logging.info("compiled bucket %d %s in %.1fs; %.3g FLOPs/step; memory: %s", i,
-                     vae_data.global_shapes(b), time.perf_counter() - t0, step_flops[-1],
-                     _memory_summary(c))
+        logging.info(
+            "compiled bucket %d %s in %.1fs; %.3g FLOPs/step; memory: %s",
+            i,
+            vae_data.global_shapes(b),
+            time.perf_counter() - t0,
+            step_flops[-1],
+            _memory_summary(c),
+        )
 
     # --------------------------------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, config.total_steps)
@@ -302,21 +316,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     if finished and (start < end or not _exported(workdir)):
         ema_graphdef, ema_state = nnx.split(nnx.merge(graphdef, state).ema)
         if config.eval.enabled:
-            examples = vae_data.eval_set(config.data.data_dir, frames=config.eval.frames,
-                                         max_side=config.eval.max_side)
+            examples = vae_data.eval_set(
+                config.data.data_dir, frames=config.eval.frames, max_side=config.eval.max_side
+            )
             t0 = time.perf_counter()
             scores = evaluate(make_reconstruct_fn(ema_graphdef), ema_state, examples)
-            logging.info("held-out reconstruction (%d clips and photos, %.1fs): %s",
-                         len(examples), time.perf_counter() - t0, scores)
+            logging.info(
+                "held-out reconstruction (%d clips and photos, %.1fs): %s",
+                len(examples),
+                time.perf_counter() - t0,
+                scores,
+            )
             last = {**last, **scores}
             writer.write(end, scores)
-        mean, std = latent_statistics(ema_graphdef, ema_state, batches,
-                                      config.latent_stats_batches)
-        logging.info("latent statistics per channel: mean %s std %s", mean.round(3),
-                     std.round(3))
+        mean, std = latent_statistics(ema_graphdef, ema_state, batches, config.latent_stats_batches)
+        logging.info("latent statistics per channel: mean %s std %s", mean.round(3), std.round(3))
         # Every process takes part: Orbax writes each host's shards (process 0 the JSON).
-        save_vae_dir(nnx.merge(ema_graphdef, ema_state), (mean, std),
-                     os.path.join(workdir, "vae"))
+        save_vae_dir(
+            nnx.merge(ema_graphdef, ema_state),
+            (mean, std),
+            os.path.join(workdir, "vae"),
+            overwrite=True,
+        )
         logging.info("wrote the VAE (EMA weights + latent statistics) to %s/vae", workdir)
     writer.close()
     return last
@@ -328,17 +349,16 @@ def _exported(workdir: str) -> bool:
 
 def abstract_batch(bucket, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
     return {
-        k: jax.ShapeDtypeStruct(shape, jnp.float32,
-                                sharding=sharding.batch_sharding(mesh, rules, len(shape)))
+        k: jax.ShapeDtypeStruct(
+            shape, jnp.float32, sharding=sharding.batch_sharding(mesh, rules, len(shape))
+        )
         for k, shape in vae_data.global_shapes(bucket).items()
     }
 
 
 def to_global(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
     return {
-        k: jax.make_array_from_process_local_data(
-            sharding.batch_sharding(mesh, rules, v.ndim), v
-        )
+        k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, rules, v.ndim), v)
         for k, v in batch.items()
     }
 
@@ -355,8 +375,10 @@ def _flops(compiled) -> float:
 def _memory_summary(compiled) -> str:
     try:
         m = compiled.memory_analysis()
-        return (f"arguments {m.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
-                f"{m.temp_size_in_bytes / 2**20:.1f} MiB")
+        return (
+            f"arguments {m.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
+            f"{m.temp_size_in_bytes / 2**20:.1f} MiB"
+        )
     except Exception as e:
         return f"unavailable ({e})"
 

@@ -108,8 +108,14 @@ class VaeCodec:
 
     # -- space ------------------------------------------------------------------------------
 
-    def _tiled(self, fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, scale_in: int,
-               scale_out: int, out_shape: tuple[int, ...]) -> np.ndarray:
+    def _tiled(
+        self,
+        fn: Callable[[np.ndarray], np.ndarray],
+        x: np.ndarray,
+        scale_in: int,
+        scale_out: int,
+        out_shape: tuple[int, ...],
+    ) -> np.ndarray:
         """Applies `fn` on overlapping spatial tiles of x and cross-fades the results.
 
         Tiles are laid out in latent units; `scale_in`/`scale_out` convert to x's and the
@@ -117,7 +123,7 @@ class VaeCodec:
         """
         tile = self.tiling.tile_latent
         H, W = x.shape[2] // scale_in, x.shape[3] // scale_in
-        if tile is None or (H <= tile[0] and W <= tile[1]):
+        if tile is None or (tile[0] >= H and tile[1] >= W):
             return fn(x)
         th, tw = min(tile[0], H), min(tile[1], W)
         ov = self.tiling.tile_overlap
@@ -125,8 +131,14 @@ class VaeCodec:
         total = np.zeros(out_shape[2:4], np.float32)
         for y in tile_starts(H, th, ov):
             for x0 in tile_starts(W, tw, ov):
-                piece = fn(x[:, :, y * scale_in:(y + th) * scale_in,
-                             x0 * scale_in:(x0 + tw) * scale_in])
+                piece = fn(
+                    x[
+                        :,
+                        :,
+                        y * scale_in : (y + th) * scale_in,
+                        x0 * scale_in : (x0 + tw) * scale_in,
+                    ]
+                )
                 wy = np.repeat(blend_weights(th, y, th, H, ov), scale_out)
                 wx = np.repeat(blend_weights(tw, x0, tw, W, ov), scale_out)
                 w = wy[:, None] * wx[None, :]
@@ -155,7 +167,10 @@ class VaeCodec:
         out_shape = (B, *self.cfg.latent_shape(T, H, W)[:3], self.cfg.z_dim)
         z = self._tiled(
             lambda v: self._run_chunks(self._encode_chunk, v, self._pixel_chunks(T)),
-            video, sf, 1, out_shape,
+            video,
+            sf,
+            1,
+            out_shape,
         )
         return z[0] if unbatched else z
 
@@ -174,6 +189,9 @@ class VaeCodec:
         out_shape = (B, *self.cfg.pixel_shape(Tl, Hl, Wl), self.cfg.out_channels)
         x = self._tiled(
             lambda t: self._run_chunks(self._decode_chunk, t, self._latent_chunks(Tl)),
-            z, 1, sf, out_shape,
+            z,
+            1,
+            sf,
+            out_shape,
         )
         return x[0] if unbatched else x

@@ -36,8 +36,9 @@ class PatchDiscriminator(nnx.Module):
         layers, cin = [], 3
         for i in range(depth):
             cout = width * 2**i
-            layers.append(nnx.Conv(cin, cout, (3, 4, 4), strides=(1, 2, 2), padding="SAME",
-                                   rngs=rngs))
+            layers.append(
+                nnx.Conv(cin, cout, (3, 4, 4), strides=(1, 2, 2), padding="SAME", rngs=rngs)
+            )
             cin = cout
         self.layers = nnx.List(layers)
         self.head = nnx.Conv(cin, 1, (3, 3, 3), padding="SAME", rngs=rngs)
@@ -61,4 +62,3 @@ def generator_adversarial_loss(logits_fake: jax.Array) -> jax.Array:
 def adversarial_ramp(step: jax.Array, start: int) -> jax.Array:
     """0 before `start` (let reconstructions form first), then 1."""
     return (step >= start).astype(jnp.float32)
-

