@@ -245,3 +245,42 @@ def test_vae_train_step_on_a_data_parallel_mesh_matches_one_device():
         one, many = result["one"][name], result["mesh"][name]
         assert abs(one - many) <= 1e-5 * max(1.0, abs(one)), (name, one, many)
     assert result["param_max_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_the_adversarial_flag_trains_a_discriminator_beside_the_vae(data_dir):
+    from jaxsora import train_vae
+
+    c = vae_config(data_dir, "runlocal,adv")
+    c.loss.adversarial_start = 1  # step 0 without the term, step 1 with it
+    c.data.buckets = [dict(frames=1, height=16, width=16, videos=0, images=2)]
+    batch = {
+        k: jnp.asarray(v) for k, v in train_vae.vae_data.make_vae_batches(c).batch_at(0).items()
+    }
+    state = train_vae.VaeTrainState(c)
+    disc_before = jax.tree.map(np.asarray, nnx.state(state.disc, nnx.Param))
+    step = nnx.jit(lambda s, b: train_vae.train_step(s, b, c))
+    first, second = step(state, batch), step(state, batch)
+    assert np.isfinite(float(first["d_loss"])) and np.isfinite(float(second["g_adv"]))
+    # Before adversarial_start the generator loss does not include the term; after, it does.
+    recon_only = c.loss.l1 * second["image_l1"] + c.loss.ssim * (1 - second["image_ssim"])
+    recon_only += c.loss.kl * second["image_kl"]
+    np.testing.assert_allclose(
+        float(second["loss"]),
+        float(recon_only + c.loss.adversarial_weight * second["g_adv"]),
+        rtol=1e-5,
+    )
+    disc_after = jax.tree.map(np.asarray, nnx.state(state.disc, nnx.Param))
+    changed = jax.tree_util.tree_map_with_path(
+        lambda path, a, b: (jax.tree_util.keystr(path), bool(np.any(a != b))),
+        disc_before,
+        disc_after,
+    )
+    kernels = [
+        c
+        for name, c in jax.tree.leaves(changed, is_leaf=lambda x: isinstance(x, tuple))
+        if "kernel" in name
+    ]
+    # (The head's bias may stay put: with every logit inside the hinge margin its gradient is
+    # mean(-1 over reals) + mean(+1 over fakes) = 0.)
+    assert kernels and all(kernels), changed
