@@ -176,13 +176,15 @@ def test_a_few_training_steps_reduce_the_reconstruction_loss(data_dir):
     from jaxsora import train_vae
 
     c = vae_config(data_dir)
-    c.data.buckets = [dict(frames=5, height=16, width=16, videos=2, images=2)]
+    # Images alone (one-frame videos, the cheapest graph to compile): the loss, not the shapes,
+    # is under test here.
+    c.data.buckets = [dict(frames=1, height=16, width=16, videos=0, images=4)]
     c.optim.lr, c.optim.warmup_steps = 3e-3, 1
     batches = train_vae.vae_data.make_vae_batches(c)
     batch = {k: jnp.asarray(v) for k, v in batches.batch_at(0).items()}
     state = train_vae.VaeTrainState(c)
     step = nnx.jit(lambda s, b: train_vae.train_step(s, b, c))
-    l1 = [float(step(state, batch)["video_l1"]) for _ in range(20)]
+    l1 = [float(step(state, batch)["image_l1"]) for _ in range(20)]
     assert np.mean(l1[-3:]) < 0.85 * np.mean(l1[:3]), l1
 
 
