@@ -253,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     logging.info(
         "compiled the train step in %.1fs; memory per device: %s",
         time.perf_counter() - t0,
-        _memory_summary(compiled),
+        memory_summary(compiled),
     )
     step_flops = flops.train_step_flops(
         dit_config(config), config.batch_size, config.data.seq_len, config.data.max_segments
@@ -275,11 +275,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
         interval.add_batch(batch)
         state, metrics = compiled(state, pipeline.to_global(batch, mesh, rules))
         if pending is not None:
-            interval.add_metrics(_check_finite(*pending))
+            interval.add_metrics(check_finite(*pending))
         pending = (step, metrics)
         preempted = preemption.reached(step)
         if step % config.log_every == 0 or step == end or preempted:
-            interval.add_metrics(_check_finite(*pending))
+            interval.add_metrics(check_finite(*pending))
             pending = None
             last = interval.summary(step_flops, peak, mesh.size, batches.packer.skipped)
             writer.write(step, last)
@@ -300,7 +300,7 @@ def checkpoint_target(state) -> dict:
     return abstract_like(state.to_pure_dict())
 
 
-def _check_finite(step: int, metrics: dict) -> dict:
+def check_finite(step: int, metrics: dict) -> dict:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
         raise FloatingPointError(
@@ -348,7 +348,7 @@ class _Interval:
         return out
 
 
-def _memory_summary(compiled) -> str:
+def memory_summary(compiled) -> str:
     try:
         m = compiled.memory_analysis()
         return (

@@ -28,12 +28,18 @@ from ml_collections import config_flags
 
 from jaxsora import quality, sharding, vae_losses
 from jaxsora.checkpointing import Checkpointer, abstract_like
-from jaxsora.data import vae_data
+from jaxsora.data import pipeline, vae_data
 from jaxsora.distributed import PreemptionWatch, initialize
 from jaxsora.export import save_vae_dir
 from jaxsora.metrics import MetricsWriter
 from jaxsora.models.vae import VAEConfig, VideoVAE, make_vae, vae_config_from_dict
-from jaxsora.train import RunVar, make_optimizer, quiet_orbax_info_logs
+from jaxsora.train import (
+    RunVar,
+    check_finite,
+    make_optimizer,
+    memory_summary,
+    quiet_orbax_info_logs,
+)
 
 
 class VaeTrainState(nnx.Module):
@@ -282,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
             vae_data.global_shapes(b),
             time.perf_counter() - t0,
             step_flops[-1],
-            _memory_summary(c),
+            memory_summary(c),
         )
 
     # --------------------------------------------------------------------------------------- loop
@@ -295,8 +301,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     for step in range(start + 1, end + 1):
         bucket = (step - 1) % len(buckets)
         batch = next(batches)
-        state, metrics = compiled[bucket](state, to_global(batch, mesh, rules))
-        interval.add(_check_finite(step, metrics), step_flops[bucket], batch)
+        state, metrics = compiled[bucket](state, pipeline.to_global(batch, mesh, rules))
+        interval.add(check_finite(step, metrics), step_flops[bucket], batch)
         preempted = preemption.reached(step)
         if step % config.log_every == 0 or step == end or preempted:
             last = interval.summary(mesh.size, batches.skipped)
@@ -356,13 +362,6 @@ def abstract_batch(bucket, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
-def to_global(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
-    return {
-        k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, rules, v.ndim), v)
-        for k, v in batch.items()
-    }
-
-
 def _flops(compiled) -> float:
     try:
         cost = compiled.cost_analysis()
@@ -370,27 +369,6 @@ def _flops(compiled) -> float:
         return float(cost.get("flops", 0.0))
     except Exception:  # not every backend reports it
         return 0.0
-
-
-def _memory_summary(compiled) -> str:
-    try:
-        m = compiled.memory_analysis()
-        return (
-            f"arguments {m.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
-            f"{m.temp_size_in_bytes / 2**20:.1f} MiB"
-        )
-    except Exception as e:
-        return f"unavailable ({e})"
-
-
-def _check_finite(step: int, metrics: dict) -> dict:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {step}: {values}. The run stopped; lower "
-            "optim.lr or raise optim.warmup_steps, then rerun to resume from the last checkpoint"
-        )
-    return values
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ from flax import nnx  # noqa: E402
 
 from experiments import vae_tiny  # noqa: E402
 from jaxsora import sharding, train_vae  # noqa: E402
+from jaxsora.data import pipeline  # noqa: E402
 from jaxsora.data.vae_data import parse_buckets  # noqa: E402
 
 # One group of 4 one-frame clips: one VAE graph to compile per mesh (the sharding of the batch,
@@ -31,7 +32,7 @@ def one_step(config, devices, batch):
     state = jax.jit(lambda: nnx.state(train_vae.VaeTrainState(config)), out_shardings=replicated)()
     step_fn = train_vae.make_step_fn(graphdef, config, jax.tree.map(lambda x: x.sharding, state))
     with jax.set_mesh(mesh):
-        state, metrics = step_fn(state, train_vae.to_global(batch, mesh, rules))
+        state, metrics = step_fn(state, pipeline.to_global(batch, mesh, rules))
     params = [np.asarray(x) for x in jax.tree.leaves(state["model"])]
     return {k: float(v) for k, v in metrics.items()}, params
 
