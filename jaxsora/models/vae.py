@@ -11,8 +11,8 @@ key for key. Weights and names follow diffusers so that the import is a plain ta
 
 Layout is channels-last throughout. Every causal conv reads and writes a `CausalContext`: the
 last frames of its input from the previous chunk (zeros at the start of a clip). A whole clip is
-one chunk with `first=True`; `encode_chunked`/`decode_chunked` in `jaxsora/vae_inference.py`
-feed the same network a few frames at a time and carry the context, with identical results.
+one chunk with `first=True`; `VaeCodec` in `jaxsora/vae_inference.py` feeds the same network a
+few frames at a time and carries the context, with the same results up to float rounding.
 """
 
 from __future__ import annotations
