@@ -96,7 +96,17 @@ def rss_probe(vae_dir: str, spec: str) -> None:
         graphdef, state = nnx.split(model)
         fn = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
         np.asarray(fn(state, jnp.asarray(z, jnp.float32)))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's resident high-water mark. VmHWM belongs to the address space, which exec
+    replaces; ru_maxrss would not do: Linux carries it over from the forking parent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def tiling_gap(model, examples) -> dict:
