@@ -297,14 +297,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     interval = _Interval()
     last: dict = {}
     preempted = False
+    pending = None  # the step in flight, read one step late so the host never waits on it
     end = min(config.total_steps, config.stop_after or config.total_steps)
     for step in range(start + 1, end + 1):
         bucket = (step - 1) % len(buckets)
         batch = next(batches)
         state, metrics = compiled[bucket](state, pipeline.to_global(batch, mesh, rules))
-        interval.add(check_finite(step, metrics), step_flops[bucket], batch)
+        if pending is not None:
+            interval.add(check_finite(*pending[:2]), *pending[2:])
+        pending = (step, metrics, step_flops[bucket], batch)
         preempted = preemption.reached(step)
         if step % config.log_every == 0 or step == end or preempted:
+            interval.add(check_finite(*pending[:2]), *pending[2:])
+            pending = None
             last = interval.summary(mesh.size, batches.skipped)
             writer.write(step, last)
         if step % config.checkpoint_every == 0 or step == end or preempted:

@@ -152,15 +152,9 @@ class VaeCodec:
 
     def encode(self, video: np.ndarray) -> np.ndarray:
         """Posterior mean [B, T', H', W', z] (or [T', H', W', z] for an unbatched clip)."""
-        video = np.asarray(video, np.float32)
-        unbatched = video.ndim == 4
-        if unbatched:
-            video = video[None]
-        if video.ndim != 5 or video.shape[-1] != self.cfg.in_channels:
-            raise BadShapeError(
-                f"VAE encode takes [B, T, H, W, {self.cfg.in_channels}] pixels in [-1, 1]; got "
-                f"shape {video.shape}"
-            )
+        video, unbatched = _as_batch(
+            video, self.cfg.in_channels, "encode takes [B, T, H, W, {c}] pixels in [-1, 1]"
+        )
         check_pixel_shape(self.cfg, *video.shape[1:4])
         B, T, H, W, _ = video.shape
         sf = self.cfg.spatial_factor
@@ -176,14 +170,9 @@ class VaeCodec:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Pixels in [-1, 1], [B, T, H, W, 3] (or unbatched, matching the input)."""
-        z = np.asarray(latents, np.float32)
-        unbatched = z.ndim == 4
-        if unbatched:
-            z = z[None]
-        if z.ndim != 5 or z.shape[-1] != self.cfg.z_dim:
-            raise BadShapeError(
-                f"VAE decode takes [B, T', H', W', {self.cfg.z_dim}] latents; got shape {z.shape}"
-            )
+        z, unbatched = _as_batch(
+            latents, self.cfg.z_dim, "decode takes [B, T', H', W', {c}] latents"
+        )
         B, Tl, Hl, Wl, _ = z.shape
         sf = self.cfg.spatial_factor
         out_shape = (B, *self.cfg.pixel_shape(Tl, Hl, Wl), self.cfg.out_channels)
@@ -195,3 +184,14 @@ class VaeCodec:
             out_shape,
         )
         return x[0] if unbatched else x
+
+
+def _as_batch(x, channels: int, expected: str) -> tuple[np.ndarray, bool]:
+    """float32 [B, T, H, W, C] (a batch of one for an unbatched clip) and whether it was one."""
+    x = np.asarray(x, np.float32)
+    unbatched = x.ndim == 4
+    if unbatched:
+        x = x[None]
+    if x.ndim != 5 or x.shape[-1] != channels:
+        raise BadShapeError(f"VAE {expected.format(c=channels)}; got shape {x.shape}")
+    return x, unbatched

@@ -197,6 +197,18 @@ def check_source_stage(name: str, records, stage: Stage) -> None:
     check_same_vae(cached, identity, name)
 
 
+def open_records(data_dir: str, name: str, split: str):
+    """A built TFDS dataset's records with random access, or a message saying how to build it."""
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # TFDS raises several kinds when a dataset was never built
+        raise FileNotFoundError(
+            f"dataset {name!r} (split {split!r}) not found under data_dir={data_dir!r}: {e}. "
+            f"Build it with `python -m data_pipelines.build --dataset {name} "
+            f"--data_dir {data_dir}` (or `make data`)"
+        ) from e
+
+
 def open_sources(
     data_dir: str, sources: list[dict], split: str, seed: int, stage: Stage | None = None
 ) -> grain.MapDataset:
@@ -209,14 +221,7 @@ def open_sources(
     datasets, weights = [], []
     for i, src in enumerate(sources):
         name = src["name"]
-        try:
-            records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception as e:  # TFDS raises several kinds when a dataset was never built
-            raise FileNotFoundError(
-                f"dataset {name!r} (split {split!r}) not found under data_dir={data_dir!r}: {e}. "
-                f"Build it with `python -m data_pipelines.build --dataset {name} "
-                f"--data_dir {data_dir}` (or `make data`)"
-            ) from e
+        records = open_records(data_dir, name, split)
         if stage is not None:
             check_source_stage(name, records, stage)
         ds = grain.MapDataset.source(records)

@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from jaxsora.data import video
+from jaxsora.data.pipeline import open_records
 from jaxsora.data.media import BadMediaError, decode_example
 
 BUCKET_FIELDS = ("frames", "height", "width", "videos", "images")
@@ -129,18 +130,6 @@ class Shard:
 
     def __getitem__(self, i: int) -> Mapping[str, Any]:
         return self.records[self.start + i]
-
-
-def open_records(data_dir: str, name: str, split: str) -> Sequence[Mapping[str, Any]]:
-    """A built TFDS dataset's records with random access, or a message saying how to build it."""
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # TFDS raises several kinds when a dataset was never built
-        raise FileNotFoundError(
-            f"dataset {name!r} (split {split!r}) not found under data_dir={data_dir!r}: {e}. "
-            f"Build it with `python -m data_pipelines.build --dataset {name} "
-            f"--data_dir {data_dir}` (or `make data`)"
-        ) from e
 
 
 def open_shards(
