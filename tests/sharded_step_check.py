@@ -1,7 +1,12 @@
 """Run as a subprocess with 8 simulated CPU devices (the backend must not have started yet).
 
-Computes the train loss and gradients of one packed batch on a 1-device mesh and on 8-device
-meshes, and prints them as JSON for tests/test_sharding.py to compare.
+Computes the train loss and every parameter's gradient for one packed batch on a 1-device mesh
+and on 8-device meshes, and prints per-leaf differences as JSON for tests/test_sharding.py.
+
+The weights are perturbed first (tests/conftest.py::randomize_params): at initialisation
+adaLN-Zero's zero `ada` and `patch_out` make every gate and the output zero, so self-attention,
+the MLP and the modulation would never touch the loss, and a bug in the context-parallel or
+tensor-sharded attention would pass unseen.
 """
 
 import jax
@@ -19,10 +24,12 @@ from jaxsora import sharding  # noqa: E402
 from jaxsora import train as trainer  # noqa: E402
 from jaxsora.data import packing  # noqa: E402
 from jaxsora.models.tokenizer import tokenize  # noqa: E402
+from tests.conftest import randomize_params  # noqa: E402
 
 MESHES = {
     "data2_fsdp2_tensor2": (dict(data=2, fsdp=2, context=1, tensor=2), "xla"),
     "data2_context2_tensor2": (dict(data=2, fsdp=1, context=2, tensor=2), "context"),
+    # Two heads per context device: the all-to-all must put every head back in its place.
     "fsdp4_context2": (dict(data=1, fsdp=4, context=2, tensor=1), "context"),
 }
 
@@ -60,74 +67,94 @@ def make_batch(config):
     return packing.stack_packs(packs)
 
 
-def loss_and_grads(config, devices, params):
+def placed(config, devices, values):
+    """(mesh, rules, graphdef, state) of a train state on this mesh, holding `values` if given."""
     mesh = sharding.make_mesh(dict(config.mesh), devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    graphdef, state = nnx.split(trainer.create_train_state(config, mesh, rules).model)
-    if params is not None:  # the same weights everywhere, placed on this mesh's shardings
-        state = jax.tree.map(lambda x, v: jax.device_put(v, x.sharding), state, params)
-    batch = {
+    graphdef, state = nnx.split(trainer.create_train_state(config, mesh, rules))
+    if values is not None:  # the same numbers everywhere, placed on this mesh's shardings
+        state = jax.tree.map(lambda x, v: jax.device_put(v, x.sharding), state, values)
+    return mesh, rules, graphdef, state
+
+
+def global_batch(config, mesh, rules):
+    return {
         k: jax.device_put(v, sharding.batch_sharding(mesh, rules, v.ndim))
         for k, v in make_batch(config).items()
     }
 
-    def fn(state, batch):
-        model = nnx.merge(graphdef, state)
+
+def live_values(config):
+    """A 1-device train state with every model (and EMA) weight perturbed, as numpy."""
+    mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
+    state = trainer.create_train_state(config, mesh, tuple(tuple(r) for r in config.sharding_rules))
+    randomize_params(state.model, scale=0.1)
+    nnx.update(state.ema, nnx.state(state.model, nnx.Param))
+    return jax.tree.map(np.asarray, nnx.state(state))
+
+
+def loss_and_grads(config, devices, values):
+    mesh, rules, graphdef, state = placed(config, devices, values)
+    model_def, model_state = nnx.split(nnx.merge(graphdef, state).model)
+    batch = global_batch(config, mesh, rules)
+
+    def fn(model_state, batch):
+        model = nnx.merge(model_def, model_state)
         grad_fn = nnx.value_and_grad(trainer.loss_and_metrics, has_aux=True)
         (loss, _), grads = grad_fn(model, batch, jax.random.key(3), config)
         return loss, nnx.state(grads)
 
     with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
-        loss, grads = jax.jit(fn)(state, batch)
+        loss, grads = jax.jit(fn)(model_state, batch)
     sharded = any(
         len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
-        for x in jax.tree.leaves(state)
+        for x in jax.tree.leaves(model_state)
     )
-    return float(loss), jax.tree.map(np.asarray, grads), jax.tree.map(np.asarray, state), sharded
+    flat = {
+        "/".join(map(str, path)): np.asarray(g)
+        for path, g in jax.tree_util.tree_leaves_with_path(
+            grads.to_pure_dict(), is_leaf=lambda x: isinstance(x, jax.Array)
+        )
+    }
+    return float(loss), flat, sharded
 
 
 def two_train_steps(config, devices, values):
     """Losses of two full train steps (optimizer, EMA) through the trainer's own step function:
     the second step also checks that the state keeps the shardings the step was compiled for."""
-    mesh = sharding.make_mesh(dict(config.mesh), devices)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    graphdef, state = nnx.split(trainer.create_train_state(config, mesh, rules))
-    if values is not None:
-        state = jax.tree.map(lambda x, v: jax.device_put(v, x.sharding), state, values)
-    start = jax.tree.map(np.asarray, state)
-    batch = {
-        k: jax.device_put(v, sharding.batch_sharding(mesh, rules, v.ndim))
-        for k, v in make_batch(config).items()
-    }
+    mesh, rules, graphdef, state = placed(config, devices, values)
+    batch = global_batch(config, mesh, rules)
     step_fn = trainer.make_step_fn(graphdef, config, jax.tree.map(lambda x: x.sharding, state))
     losses = []
     with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
         for _ in range(2):
             state, metrics = step_fn(state, batch)
             losses.append(float(metrics["loss"]))
-    return losses, start
+    return losses
+
+
+def leaf_errors(grads, ref):
+    """Per parameter: max |g - g_ref| and max |g_ref| (the test divides one by the other)."""
+    assert grads.keys() == ref.keys(), sorted(set(grads) ^ set(ref))
+    return {k: [float(np.abs(grads[k] - ref[k]).max()), float(np.abs(ref[k]).max())] for k in ref}
 
 
 def main():
     base = config_for(dict(data=1, fsdp=1, context=1, tensor=1), "xla")
-    ref_loss, ref_grads, params, _ = loss_and_grads(base, jax.devices()[:1], None)
-    ref_two, start_values = two_train_steps(base, jax.devices()[:1], None)
-    out = {"reference_loss": ref_loss, "reference_two_steps": ref_two}
+    values = live_values(base)
+    ref_loss, ref_grads, _ = loss_and_grads(base, jax.devices()[:1], values)
+    out = {
+        "reference_loss": ref_loss,
+        "reference_two_steps": two_train_steps(base, jax.devices()[:1], values),
+    }
     for name, (mesh_sizes, attention) in MESHES.items():
-        loss, grads, _, sharded = loss_and_grads(
-            config_for(mesh_sizes, attention), jax.devices(), params
-        )
-        diffs = jax.tree.leaves(
-            jax.tree.map(lambda a, b: float(np.abs(a - b).max()), grads, ref_grads)
-        )
-        scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
-        two, _ = two_train_steps(config_for(mesh_sizes, attention), jax.devices(), start_values)
+        config = config_for(mesh_sizes, attention)
+        loss, grads, sharded = loss_and_grads(config, jax.devices(), values)
         out[name] = {
             "loss": loss,
-            "max_grad_diff": max(diffs),
-            "grad_scale": scale,
+            "grad_errors": leaf_errors(grads, ref_grads),
             "weights_sharded": sharded,
-            "two_steps": two,
+            "two_steps": two_train_steps(config, jax.devices(), values),
         }
     print("RESULT " + json.dumps(out))
     sys.stdout.flush()

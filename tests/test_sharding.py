@@ -17,14 +17,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_step_on_8_devices_matches_1_device():
+    """On perturbed weights (every gate live), each parameter's gradient on 8 devices equals its
+    1-device gradient to 1e-4 of that parameter's own gradient scale."""
     result = run_module_result("tests.sharded_step_check")
     ref = result.pop("reference_loss")
     ref_two = result.pop("reference_two_steps")
     assert set(result) == {"data2_fsdp2_tensor2", "data2_context2_tensor2", "fsdp4_context2"}
     for name, r in result.items():
         assert r["weights_sharded"], f"{name}: weights were not actually sharded"
-        assert abs(r["loss"] - ref) <= 1e-6 * abs(ref), (name, r["loss"], ref)
-        assert r["max_grad_diff"] <= 1e-5 * r["grad_scale"] + 1e-8, (name, r)
+        assert abs(r["loss"] - ref) <= 1e-5 * abs(ref), (name, r["loss"], ref)
+        errors = r["grad_errors"]
+        assert len(errors) > 40, f"{name}: only {len(errors)} gradient leaves compared"
+        dead = [leaf for leaf, (_, scale) in errors.items() if scale == 0]
+        assert not dead, f"{name}: gradients identically zero (a path the loss never sees): {dead}"
+        bad = {leaf: e for leaf, e in errors.items() if e[0] > 1e-4 * e[1]}
+        assert not bad, f"{name}: gradients differ from 1 device (max diff, scale): {bad}"
         # Two full steps: the update is the same, and the state fits the compiled step again.
         np.testing.assert_allclose(r["two_steps"], ref_two, rtol=1e-5, err_msg=name)
 

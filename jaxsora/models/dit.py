@@ -71,7 +71,7 @@ class DiTBlock(nnx.Module):
         self.self_attn = Attention(D, cfg.num_heads, rngs, dtype, cfg.attention)
         # Cross-attention keys are the S*Lt caption tokens: short, never split over `context`,
         # so the dense masked path is the right one whatever backend self-attention uses.
-        self.cross_attn = Attention(D, cfg.num_heads, rngs, dtype, "xla")
+        self.cross_attn = Attention(D, cfg.num_heads, rngs, dtype, "xla", cross=True)
         self.mlp = Mlp(D, int(cfg.mlp_ratio * D), rngs, dtype)
 
     def __call__(self, x_BLD, c_BSD, seg_BL, angles, ctx_BMD, ctx_seg_BM):

@@ -57,7 +57,13 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with QK-norm; RoPE when angles are given (self-attention)."""
+    """Multi-head attention with QK-norm; RoPE when angles are given (self-attention).
+
+    `cross=True`: the keys are another sequence (captions) that every query needs whole, so
+    their token axis is never split over `context`. Splitting it is also what made XLA (GSPMD
+    and Shardy alike, jax 0.10) leave caption_proj's gradient un-reduced over `data` on data x
+    context meshes; tests/test_sharding.py compares every gradient leaf on such a mesh.
+    """
 
     def __init__(
         self,
@@ -67,10 +73,12 @@ class Attention(nnx.Module):
         dtype,
         backend: str,
         kv_width: int | None = None,
+        cross: bool = False,
     ):
         if width % num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
         self.num_heads, self.head_dim, self.backend = num_heads, width // num_heads, backend
+        self.kv_names = ("batch", None if cross else "length", "heads", "kv")
         kv_width = kv_width or width
         self.q = dense(width, width, ("embed", "heads"), rngs, dtype)
         self.k = dense(kv_width, width, ("embed", "heads"), rngs, dtype)
@@ -87,9 +95,10 @@ class Attention(nnx.Module):
             self.q_norm(self.q(x_BLD).reshape(B, L, self.num_heads, self.head_dim)), heads
         )
         k = constrain(
-            self.k_norm(self.k(kv_BMD).reshape(B, M, self.num_heads, self.head_dim)), heads
+            self.k_norm(self.k(kv_BMD).reshape(B, M, self.num_heads, self.head_dim)),
+            self.kv_names,
         )
-        v = constrain(self.v(kv_BMD).reshape(B, M, self.num_heads, self.head_dim), heads)
+        v = constrain(self.v(kv_BMD).reshape(B, M, self.num_heads, self.head_dim), self.kv_names)
         if angles_BLK2 is not None:
             q, k = apply_rope(q, angles_BLK2), apply_rope(k, angles_BLK2)
         o = attention(q, k, v, seg_q_BL, seg_kv_BM, backend=self.backend)
