@@ -1,16 +1,33 @@
-"""Analytic FLOPs of the DiT train step, and a measured matmul rate to divide them by (MFU).
+"""Model FLOPs and hardware FLOPs of the DiT train step, and the peak that turns them into MFU/HFU.
 
-Counted: every matmul of the forward pass for every token of the pack (padding included; the
-packer's efficiency is reported on its own), attention scores as the backend computes them
-(xla: dense L x L), and the caption encoder. A train step is 3x the forward pass.
+Two counts, as PaLM (Chowdhery et al. 2022, appendix B) defines MFU and HFU:
+
+- **model FLOPs**: the work the model needs for the real examples of a batch, whatever computes
+  it: per-token layers for real tokens only (padding is free), self-attention within each
+  segment (`sum_i n_i^2` query-key pairs), cross-attention from each segment to its own caption's
+  real tokens (`sum_i n_i m_i`), the caption encoder on real caption tokens (`sum_i m_i^2` pairs),
+  per-segment conditioning for real segments. MFU = model FLOPs / time / peak compares backends,
+  packings and other systems fairly.
+- **hardware FLOPs**: what the chosen backend computes on the batch's static shapes: every slot of
+  every pack, dense `L x L` self-attention for `xla`, `context` and `ring`, the computed tiles for
+  `splash` (jaxsora/models/splash.py), cross-attention to all `S*Lt` caption slots, the encoder on
+  all `S*Lt` slots, plus what `remat` recomputes. HFU = hardware FLOPs / time / peak.
+
+A train step is the forward pass plus a backward pass of twice its matmuls, except where no
+input gradient exists: `patch_in` reads data and the first time-MLP layer reads the sinusoidal
+features of t, so their backward is the weight gradient alone. Only matmuls are counted; norms,
+softmax, activations and the optimizer are a few percent on top (tests/test_flops.py states the
+agreement with XLA's own cost analysis of the compiled step).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsora.models.dit import DiTConfig
 
@@ -25,26 +42,130 @@ KNOWN_PEAKS = {
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
 }
+TIME_FEATURES = 256  # sinusoidal features of t (jaxsora/models/dit.py)
+SPLASH_BLOCK = 128  # jaxsora/models/splash.py's default q and kv block
+DENSE_BACKENDS = ("xla", "context", "ring")  # every backend but splash computes all L x L scores
 
 
-def forward_flops(cfg: DiTConfig, batch: int, seq_len: int, max_segments: int) -> float:
-    D, Dt, Lt, L, S = cfg.width, cfg.text_width, cfg.text_len, seq_len, max_segments
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """How much of each kind of thing one forward pass processes, summed over the batch."""
+
+    tokens: float  # through the per-token layers
+    segments: float  # through the per-segment conditioning
+    caption_tokens: float  # through the caption encoder and the cross-attention keys/values
+    self_pairs: float  # self-attention query-key pairs, per block
+    cross_pairs: float  # cross-attention query-key pairs, per block
+    caption_pairs: float  # caption-encoder query-key pairs, per layer
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    model: float
+    hardware: float
+
+    def __add__(self, other: StepFlops) -> StepFlops:
+        return StepFlops(self.model + other.model, self.hardware + other.hardware)
+
+
+def forward_parts(cfg: DiTConfig, w: Work) -> dict[str, float]:
+    """Matmul FLOPs of one forward pass by part (2 FLOPs per multiply-add)."""
+    D, Dt, P, depth = cfg.width, cfg.text_width, cfg.patch_dim, cfg.depth
     hidden = int(cfg.mlp_ratio * D)
-    per_token = (
-        2 * 4 * D * D  # self-attention q, k, v, out
-        + 2 * 2 * D * D  # cross-attention q, out
-        + 2 * 2 * D * hidden  # MLP
-    ) * cfg.depth + 2 * 2 * cfg.patch_dim * D
-    attention = cfg.depth * (2 * 2 * L * L * D + 2 * 2 * L * S * Lt * D)
-    # Captions are projected to the model width once, then to keys and values in every block.
-    context = cfg.depth * 2 * 2 * D * D * S * Lt + 2 * Dt * D * S * Lt
-    text = cfg.text_depth * S * Lt * (2 * 4 * Dt * Dt + 2 * 2 * Dt * 4 * Dt + 2 * 2 * Lt * Dt)
-    per_segment = cfg.depth * 2 * D * 6 * D + 2 * D * 2 * D + 2 * 2 * 256 * D
-    return float(batch * (per_token * L + attention + context + text + per_segment * S))
+    per_block_token = 2 * 4 * D * D + 2 * 2 * D * D + 2 * 2 * D * hidden  # self qkvo, cross qo, MLP
+    per_block = (
+        w.tokens * per_block_token
+        + w.caption_tokens * 2 * 2 * D * D  # cross-attention keys and values
+        + w.segments * 2 * D * 6 * D  # adaLN modulation
+    )
+    attention = 2 * 2 * D * (w.self_pairs + w.cross_pairs)  # scores and weighted values, all heads
+    caption_layer = w.caption_tokens * (2 * 4 * Dt * Dt + 2 * 2 * Dt * 4 * Dt)
+    return {
+        "patch_in": w.tokens * 2 * P * D,
+        "time_mlp1": w.segments * 2 * TIME_FEATURES * D,
+        "blocks_dense": depth * per_block,
+        "blocks_attention": depth * attention,
+        "captions": cfg.text_depth * (caption_layer + 2 * 2 * Dt * w.caption_pairs)
+        + w.caption_tokens * 2 * Dt * D,  # encoder, then caption_proj
+        "conditioning": w.segments * (2 * D * D + 2 * Dt * D + 2 * D * 2 * D),  # time_mlp2,
+        # caption_pool, final adaLN
+        "patch_out": w.tokens * 2 * D * P,
+    }
 
 
-def train_step_flops(cfg: DiTConfig, batch: int, seq_len: int, max_segments: int) -> float:
-    return 3.0 * forward_flops(cfg, batch, seq_len, max_segments)
+def step_flops(cfg: DiTConfig, w: Work, remat: str = "none") -> float:
+    """Forward + backward FLOPs of a train step over `w`, with what `remat` recomputes."""
+    parts = forward_parts(cfg, w)
+    total = 3 * sum(parts.values()) - parts["patch_in"] - parts["time_mlp1"]
+    if remat == "full":  # the whole block runs forward again in the backward pass
+        total += parts["blocks_dense"] + parts["blocks_attention"]
+    elif remat == "dots":  # matmuls without batch dims are kept; attention's batched ones rerun
+        total += parts["blocks_attention"]
+    return float(total)
+
+
+def segment_sizes(segment_ids_BL: np.ndarray, text_mask_BSLt: np.ndarray):
+    """(tokens n_i, caption tokens m_i) of every real segment of the batch, as two flat arrays."""
+    seg = np.asarray(segment_ids_BL)
+    B, S = np.asarray(text_mask_BSLt).shape[:2]
+    counts_BS = np.stack([np.bincount(seg[b], minlength=S + 1)[1 : S + 1] for b in range(B)])
+    captions_BS = np.asarray(text_mask_BSLt).sum(-1)
+    real = counts_BS > 0
+    return counts_BS[real].astype(np.float64), captions_BS[real].astype(np.float64)
+
+
+def model_work(segment_ids_BL: np.ndarray, text_mask_BSLt: np.ndarray) -> Work:
+    n, m = segment_sizes(segment_ids_BL, text_mask_BSLt)
+    return Work(
+        tokens=n.sum(),
+        segments=float(n.size),
+        caption_tokens=m.sum(),
+        self_pairs=(n * n).sum(),
+        cross_pairs=(n * m).sum(),
+        caption_pairs=(m * m).sum(),
+    )
+
+
+def splash_tiles(seg_BL: np.ndarray, block: int = SPLASH_BLOCK) -> int:
+    """Tiles splash computes per head for self-attention (`splash.splash_block_mask`, in NumPy)."""
+    seg = np.asarray(seg_BL)
+    B, L = seg.shape
+    blocks = seg.reshape(B, L // block, block)
+    big = np.iinfo(np.int32).max
+    lo = np.where(blocks > 0, blocks, big).min(-1)
+    hi = np.where(blocks > 0, blocks, 0).max(-1)
+    pad = (blocks == 0).any(-1)
+    overlap = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
+    return int((overlap | (pad[:, :, None] & pad[:, None, :])).sum())
+
+
+def hardware_work(segment_ids_BL: np.ndarray, text_mask_BSLt: np.ndarray, backend: str) -> Work:
+    B, L = np.asarray(segment_ids_BL).shape
+    S, Lt = np.asarray(text_mask_BSLt).shape[1:]
+    if backend == "splash":
+        self_pairs = splash_tiles(segment_ids_BL) * SPLASH_BLOCK * SPLASH_BLOCK
+    elif backend in DENSE_BACKENDS:
+        self_pairs = B * L * L
+    else:
+        raise ValueError(f"no FLOP count for attention backend {backend!r}")
+    return Work(
+        tokens=B * L,
+        segments=B * S,
+        caption_tokens=B * S * Lt,
+        self_pairs=self_pairs,
+        cross_pairs=B * L * S * Lt,  # cross-attention is always the dense xla path
+        caption_pairs=B * S * Lt * Lt,
+    )
+
+
+def train_step_flops(cfg: DiTConfig, batch: dict) -> StepFlops:
+    """Model and hardware FLOPs of one train step on `batch` (host arrays: segment_ids,
+    text_mask). The model count uses the captions as given; caption dropout shortens a few."""
+    seg, text_mask = batch["segment_ids"], batch["text_mask"]
+    return StepFlops(
+        model=step_flops(cfg, model_work(seg, text_mask)),
+        hardware=step_flops(cfg, hardware_work(seg, text_mask, cfg.attention), cfg.remat),
+    )
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, seconds: float = 1.0) -> float:
