@@ -1,11 +1,14 @@
 """Sampling at any size: mixed requests in one packed pass come back in their requested shapes."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxsora import sample
+from jaxsora.compression import make_stage
+from jaxsora.data import packing
 from jaxsora.models.dit import make_model
-from jaxsora.train import dit_config
+from jaxsora.train import dit_config, null_text_ids, null_text_mask
 from tests.conftest import randomize_params, runlocal_config
 
 
@@ -41,6 +44,39 @@ def test_a_request_alone_and_packed_with_others_gives_the_same_video(model_and_c
         model, config, [sample.Request("a red circle", 2, 8, 12, seed=5)], steps=2, guidance=1.5
     )[0]
     assert np.abs(other_seed - alone).max() > 0.05, "the seed must matter"
+
+
+def test_guidance_extrapolates_from_the_unconditional_to_the_conditional_velocity(
+    model_and_config,
+):
+    """One Euler step at guidance g moves by v_uncond + g (v_cond - v_uncond): g=1 is the
+    conditional model alone, g=0 the unconditional one, and the caption makes them differ."""
+    model, config = model_and_config
+    r = sample.Request("a red circle moving left", frames=2, height=8, width=12, seed=1)
+    example = sample.request_example(r, config, model.cfg.patch_dim, make_stage(config.model))
+    shape = packing.PackShape(64, 2, model.cfg.patch_dim, config.model.text_len)
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in packing.stack_packs([packing.build_pack([example], shape)]).items()
+    }
+    t, t_next = jnp.full((1, 2), 0.7), jnp.full((1, 2), 0.6)
+    x = batch["tokens"]
+    step = {
+        g: np.asarray(sample.euler_step(model, batch, x, t, t_next, g)) for g in (0.0, 1.0, 3.0)
+    }
+    args = (batch["segment_ids"], batch["positions"])
+    v_cond = model(x, t, *args, batch["text_ids"], batch["text_mask"])
+    v_uncond = model(
+        x, t, *args, null_text_ids(batch["text_ids"]), null_text_mask(batch["text_mask"])
+    )
+    live = np.asarray(batch["segment_ids"][0] > 0)
+    for g, v in ((1.0, v_cond), (0.0, v_uncond)):
+        expected = np.asarray(x - 0.1 * v)
+        np.testing.assert_allclose(step[g][0, live], expected[0, live], atol=1e-5)
+    assert np.abs(step[1.0] - step[0.0])[0, live].max() > 1e-3, "the caption must matter"
+    np.testing.assert_allclose(
+        (step[3.0] - step[1.0])[0, live], 2 * (step[1.0] - step[0.0])[0, live], atol=1e-5
+    )
 
 
 def test_a_size_the_patch_does_not_divide_is_refused_with_a_suggestion(model_and_config):
