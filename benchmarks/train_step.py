@@ -1,4 +1,4 @@
-"""Train-step throughput of the default tiny config on this machine: tokens/s, step time, MFU.
+"""Train-step throughput of the default tiny config on this machine: tokens/s, step time, MFU, HFU.
 
     python -m benchmarks.train_step [--steps 20 --warmup 3 --data_dir data/tfds]
 
@@ -8,9 +8,11 @@ batch so input loading is excluded. The batch comes from the same online packer 
 uses, fed synthetic examples of the pipeline's size distribution (no dataset needed); with
 --data_dir it is the real pipeline's first batch instead.
 
-MFU divides the analytic FLOPs of jaxsora.flops by the best of a few runs of
-`flops.measure_matmul_peak` taken in the same process: on a shared CPU contention only ever
-slows a probe down, so the fastest probe is the closest to the machine's real peak.
+MFU divides the model FLOPs of jaxsora.flops (the work the packed examples need: attention within
+each segment, real tokens only) and HFU the hardware FLOPs (what the backend computes: dense
+attention, padding) by the best of a few runs of `flops.measure_matmul_peak` taken in the same
+process: on a shared CPU contention only ever slows a probe down, so the fastest probe is the
+closest to the machine's real peak. XLA's own count of the compiled step is printed beside them.
 
 Where the time goes (--breakdown): the forward pass alone, forward + backward without the
 optimizer, the attention core alone at the step's shapes, and the same step with the blocks
@@ -265,14 +267,8 @@ def main(argv: list[str]) -> None:
         step = build_jax_step(config, batch_np)
         logging.info("compiled the step in %.1fs", step.compile_s)
         t = common.summary(common.timed(step, FLAGS.warmup, FLAGS.steps))
-        step_flops = flops.train_step_flops(
-            train.dit_config(config),
-            config.batch_size,
-            config.data.seq_len,
-            config.data.max_segments,
-        )
+        step_flops = flops.train_step_flops(train.dit_config(config), batch_np)
         peak, probes = matmul_peak(FLAGS.peak_probes)
-        achieved = step_flops / t["median"]
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(step.model(), nnx.Param)))
         record = {
             "benchmark": "train_step",
@@ -285,11 +281,15 @@ def main(argv: list[str]) -> None:
             "tokens_per_s": stats["real_tokens"] / t["median"],
             "slots_per_s": stats["slots"] / t["median"],
             "examples_per_s": stats["examples"] / t["median"],
-            "flops_per_step_analytic": step_flops,
-            "achieved_flops_per_s": achieved,
+            "model_flops_per_step": step_flops.model,
+            "hardware_flops_per_step": step_flops.hardware,
+            "xla_cost_analysis_flops_per_step": xla_flops(step.compiled),
+            "model_flops_per_s": step_flops.model / t["median"],
+            "hardware_flops_per_s": step_flops.hardware / t["median"],
             "matmul_peak_flops_per_s": peak,
             "matmul_peak_probes": probes,
-            "mfu": achieved / peak,
+            "mfu": step_flops.model / t["median"] / peak,
+            "hfu": step_flops.hardware / t["median"] / peak,
             "attention_useful_fraction": attention_useful_fraction(batch_np),
             "last_loss": step(),
         }

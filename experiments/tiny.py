@@ -52,7 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text_heads = 2
     c.model.rope_theta = 100.0  # grids here are a few patches wide: slower rotations
     c.model.dtype = "float32"
-    c.model.attention = "xla"  # self-attention backend: xla (CPU/GPU), splash (TPU), context
+    # Self-attention backend: xla (CPU/GPU), splash (TPU), and for packs split over
+    # mesh.context: context (all-to-all; heads per tensor shard divisible by mesh.context) or
+    # ring (k/v passed round the context devices; any head count).
+    c.model.attention = "xla"
     c.model.remat = "none"  # per-block activation checkpointing: none, full, dots, dots_saveable
     # Scanned blocks compile once whatever the depth (pods); on a CPU, for 4 blocks, unrolled
     # steps are about 10% faster (benchmarks/train_step.py), so this config unrolls.
@@ -74,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.flow = ml_collections.ConfigDict()
     c.flow.time_mean = 0.0  # logit-normal time sampling
     c.flow.time_std = 1.0
-    c.flow.base_tokens = 64  # resolution shift: sqrt(tokens / base_tokens) per segment
+    c.flow.base_tokens = 64  # resolution shift: sqrt(max(tokens, base) / base) per segment
     c.flow.loss_weighting = "segment"  # or "token"
     c.flow.caption_dropout = 0.1  # for classifier-free guidance
 
@@ -86,6 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.b2 = 0.99
     c.optim.grad_clip = 1.0
     c.optim.ema_decay = 0.995
+    # Micro-batches per optimizer step: batch_size stays the packs per step, the step runs
+    # them batch_size / accum_steps at a time (less activation memory, same result).
+    c.optim.accum_steps = 1
 
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 32

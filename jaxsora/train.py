@@ -30,6 +30,7 @@ from jaxsora.data import pipeline
 from jaxsora.diffusion import flow
 from jaxsora.distributed import PreemptionWatch, initialize
 from jaxsora.metrics import MetricsWriter
+from jaxsora.models import attention as attention_backends
 from jaxsora.models.dit import DiT, DiTConfig, make_model
 from jaxsora.models.tokenizer import START_ID
 
@@ -76,8 +77,34 @@ def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
     )
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+        optax.adamw(
+            schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=weight_decay_mask
+        ),
     )
+
+
+def weight_decay_mask(params):
+    """True for the weights AdamW decays: kernels (Linear and conv weight matrices, stacked over
+    `layers` or not). Biases, norm scales, embeddings and learned positional tables (`pos`) are
+    not decayed: pulling a gain towards 0 or a token's embedding towards the origin is not the
+    regularisation weight decay is for.
+
+    Decided by the parameter's name, not its rank (a scanned bias is 2-D). optax calls this on
+    the params at init (nnx Variables: paths end in `.value`) and at every update (plain
+    arrays), so the name is the last string key of the path either way.
+    """
+
+    def is_kernel(path, _) -> bool:
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        names = [n for n in names if isinstance(n, str)]
+        return bool(names) and names[-1] == "kernel"
+
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def accum_steps(config: ml_collections.ConfigDict) -> int:
+    """Micro-batches per optimizer step (configs saved before the field existed: 1)."""
+    return config.optim.get("accum_steps", 1)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -100,7 +127,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
         (m.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
         (config.batch_size >= 1, "batch_size must be >= 1"),
         (0.0 <= config.flow.caption_dropout < 1.0, "flow.caption_dropout must be in [0, 1)"),
+        (
+            m.attention in attention_backends.BACKENDS,
+            f"model.attention={m.attention!r} is not one of {attention_backends.BACKENDS}",
+        ),
     ]
+    k = accum_steps(config)
+    if not (isinstance(k, int) and k >= 1):
+        checks.append((False, f"optim.accum_steps={k!r} must be an integer >= 1"))
+    elif config.batch_size % k:
+        checks.append(
+            (
+                False,
+                f"batch_size={config.batch_size} must be divisible by optim.accum_steps={k} "
+                "(batch_size is the packs per optimizer step, split into accum_steps "
+                "micro-batches)",
+            )
+        )
     for ok, message in checks:
         if not ok:
             raise ValueError(f"bad config: {message}")
@@ -127,26 +170,43 @@ def create_train_state(config, mesh, rules) -> TrainState:
         return init_sharded()
 
 
-def loss_and_metrics(model: DiT, batch: dict, key: jax.Array, config) -> tuple[jax.Array, dict]:
-    """Noises each segment at its own shifted time and scores the predicted velocity."""
+def draw_randomness(key: jax.Array, batch: dict, config) -> dict:
+    """The step's times, noise and caption dropout for the whole batch, drawn once: micro-batches
+    take their rows of these, so accumulating sees exactly the numbers one big batch would."""
+    f = config.flow
+    B, S = batch["grid"].shape[:2]
+    k_time, k_noise, k_drop = jax.random.split(key, 3)
+    return {
+        "t_BS": flow.logit_normal(k_time, (B, S), f.time_mean, f.time_std),
+        "noise": jax.random.normal(k_noise, batch["tokens"].shape, jnp.float32),
+        "drop_BS": jax.random.bernoulli(k_drop, f.caption_dropout, (B, S)),
+    }
+
+
+def loss_sums(model: DiT, batch: dict, draws: dict, config) -> dict[str, jax.Array]:
+    """Noises each segment at its own shifted time and scores the predicted velocity; returns
+    the loss as sums and counts (`flow.packed_loss_sums`) so micro-batches add up exactly."""
     f = config.flow
     seg, grid = batch["segment_ids"], batch["grid"]
-    B, S = grid.shape[:2]
-    k_time, k_noise, k_drop = jax.random.split(key, 3)
-    t_BS = flow.logit_normal(k_time, (B, S), f.time_mean, f.time_std)
-    t_BS = flow.shift_time(t_BS, flow.resolution_shift(grid, f.base_tokens))
-    x0 = batch["tokens"]
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    S = grid.shape[1]
+    t_BS = flow.shift_time(draws["t_BS"], flow.resolution_shift(grid, f.base_tokens))
+    x0, noise = batch["tokens"], draws["noise"]
     x_t = flow.add_noise(x0, noise, flow.per_segment(t_BS, seg))
     x_t = jnp.where(batch["cond_mask"][..., None], x0, x_t)
-    drop_BS = jax.random.bernoulli(k_drop, f.caption_dropout, (B, S))
     text_mask = jnp.where(
-        drop_BS[..., None], null_text_mask(batch["text_mask"]), batch["text_mask"]
+        draws["drop_BS"][..., None], null_text_mask(batch["text_mask"]), batch["text_mask"]
     )
     pred = model(x_t, t_BS, seg, batch["positions"], batch["text_ids"], text_mask)
-    return flow.packed_loss(
+    return flow.packed_loss_sums(
         pred, flow.velocity(x0, noise), seg, batch["cond_mask"], S, f.loss_weighting
     )
+
+
+def loss_and_metrics(model: DiT, batch: dict, key: jax.Array, config) -> tuple[jax.Array, dict]:
+    """The loss of one whole batch at once (what `train_step` computes, unsplit)."""
+    sums = loss_sums(model, batch, draw_randomness(key, batch, config), config)
+    loss = flow.loss_from_sums(sums)
+    return loss, {"loss": loss, "segments": sums["segments"]}
 
 
 def null_text_mask(text_mask: jax.Array) -> jax.Array:
@@ -158,19 +218,66 @@ def null_text_ids(text_ids: jax.Array) -> jax.Array:
     return jnp.zeros_like(text_ids).at[..., 0].set(START_ID)
 
 
+def micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...], micro-batch a holding packs a, a + k, a + 2k, ...
+
+    Strided, not contiguous: each data-parallel device holds B/dp consecutive packs, B/(k*dp)
+    of every micro-batch, so every micro-batch is spread over all devices and nothing moves.
+    """
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, "batch"))
+
+
+def batch_grads(model: DiT, batch: dict, draws: dict, config) -> tuple[nnx.State, dict]:
+    """Gradient of the whole batch's loss, in `optim.accum_steps` micro-batches (a scan, so
+    activations are held for one micro-batch at a time), and the loss sums.
+
+    Each micro-batch adds the gradient of its loss *sum* and its counts; one division by the
+    whole batch's count at the end makes k micro-batches of B/k the same as one batch of B (an
+    average of micro-batch averages would not be, with segments spread unevenly over packs).
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def total(params, micro):
+        sums = loss_sums(nnx.merge(graphdef, params, rest), *micro, config)
+        return sums["total"], sums
+
+    grad_fn = jax.grad(total, has_aux=True)
+    k = accum_steps(config)
+    if k == 1:
+        grads, sums = grad_fn(params, (batch, draws))
+    else:
+
+        def add(acc, micro):
+            return jax.tree.map(jnp.add, acc, grad_fn(params, micro)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        no_sums = {n: jnp.zeros((), jnp.float32) for n in ("total", "count", "segments")}
+        micro = jax.tree.map(functools.partial(micro_batches, k=k), (batch, draws))
+        (grads, sums), _ = jax.lax.scan(add, (zeros, no_sums), micro)
+    count = jnp.maximum(sums["count"], 1.0)
+    return jax.tree.map(lambda g: g / count, grads), sums
+
+
 def train_step(state: TrainState, batch: dict, config) -> dict:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng[...]), state.step[...])
+    grads, sums = batch_grads(state.model, batch, draw_randomness(key, batch, config), config)
+    return apply_grads(state, grads, sums, config)
+
+
+def apply_grads(state: TrainState, grads: nnx.State, sums: dict, config) -> dict:
+    """The optimizer and EMA updates and the step count; the step's metrics."""
     step = state.step[...]
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng[...]), step)
-    grad_fn = nnx.value_and_grad(
-        functools.partial(loss_and_metrics, batch=batch, key=key, config=config), has_aux=True
-    )
-    (loss, aux), grads = grad_fn(state.model)
     state.optimizer.update(state.model, grads)
     decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
     ema, params = nnx.state(state.ema, nnx.Param), nnx.state(state.model, nnx.Param)
     nnx.update(state.ema, jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params))
     state.step[...] = step + 1
-    return {"loss": loss, "grad_norm": optax.global_norm(grads), "segments": aux["segments"]}
+    return {
+        "loss": flow.loss_from_sums(sums),
+        "grad_norm": optax.global_norm(grads),
+        "segments": sums["segments"],
+    }
 
 
 def make_step_fn(graphdef, config, state_shardings=None):
@@ -210,10 +317,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = tuple(tuple(r) for r in config.sharding_rules)
     dp = sharding.data_parallel_size(mesh, rules)
-    if config.batch_size % dp:
+    if config.batch_size % (accum_steps(config) * dp):
         raise ValueError(
-            f"bad config: batch_size={config.batch_size} must be divisible by the "
-            f"{dp} data-parallel devices of mesh {dict(mesh.shape)}"
+            f"bad config: batch_size={config.batch_size} must be divisible by "
+            f"optim.accum_steps={accum_steps(config)} x the {dp} data-parallel devices of mesh "
+            f"{dict(mesh.shape)} (every micro-batch is split over them)"
         )
     logging.info(
         "mesh %s over %d devices (%s), %d processes",
@@ -255,18 +363,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
         time.perf_counter() - t0,
         memory_summary(compiled),
     )
-    step_flops = flops.train_step_flops(
-        dit_config(config), config.batch_size, config.data.seq_len, config.data.max_segments
-    )
     peak, peak_source = flops.device_peak(config.peak_flops_per_device)
-    logging.info(
-        "train step: %.3g FLOPs; peak %.3g FLOP/s per device (%s)", step_flops, peak, peak_source
-    )
+    logging.info("peak %.3g FLOP/s per device (%s)", peak, peak_source)
 
     # --------------------------------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, config.total_steps)
     preemption = PreemptionWatch(distributed)
-    interval = _Interval()
+    interval = _Interval(dit_config(config))
     last: dict = {}
     pending = None  # metrics of the step in flight: read one step late so the host never waits
     end = min(config.total_steps, config.stop_after or config.total_steps)
@@ -281,7 +384,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
         if step % config.log_every == 0 or step == end or preempted:
             interval.add_metrics(check_finite(*pending))
             pending = None
-            last = interval.summary(step_flops, peak, mesh.size, batches.packer.skipped)
+            last = interval.summary(peak, mesh.size, batches.packer.skipped)
             writer.write(step, last)
         if step % config.checkpoint_every == 0 or step == end or preempted:
             t0 = time.perf_counter()
@@ -312,11 +415,13 @@ def check_finite(step: int, metrics: dict) -> dict:
 
 @dataclasses.dataclass
 class _Interval:
-    """Sums over the steps since the last log line."""
+    """Sums over the steps since the last log line (this process's batches)."""
 
+    cfg: DiTConfig
     steps: int = 0
     real_tokens: int = 0
     slots: int = 0
+    step_flops: flops.StepFlops = flops.StepFlops(0.0, 0.0)
     losses: list = dataclasses.field(default_factory=list)
     grad_norm: float = 0.0
     start: float = dataclasses.field(default_factory=time.perf_counter)
@@ -325,26 +430,33 @@ class _Interval:
         self.steps += 1
         self.real_tokens += int((batch["segment_ids"] > 0).sum())
         self.slots += batch["segment_ids"].size
+        # Model FLOPs follow the packs' contents (segment sizes, caption lengths), so they are
+        # counted per batch on the host: a bincount of ids, negligible next to the step.
+        self.step_flops += flops.train_step_flops(self.cfg, batch)
 
     def add_metrics(self, m):
         self.losses.append(m["loss"])
         self.grad_norm = m["grad_norm"]
 
-    def summary(self, step_flops, peak, n_devices, skipped) -> dict:
+    def summary(self, peak, n_devices, skipped) -> dict:
+        """Every process sees its own packs; the global FLOPs are this process's times the process
+        count (hosts get equal shards of the same distribution, and stay in lockstep)."""
         dt = time.perf_counter() - self.start
-        step_time = dt / max(self.steps, 1)
-        achieved = step_flops / step_time / n_devices
+        scale = jax.process_count() / dt / n_devices
+        model, hardware = self.step_flops.model * scale, self.step_flops.hardware * scale
         out = {
             "loss": float(np.mean(self.losses)),
             "grad_norm": self.grad_norm,
-            "step_time_s": step_time,
+            "step_time_s": dt / max(self.steps, 1),
             "tokens_per_s": self.real_tokens * jax.process_count() / dt,
-            "tflops_per_device": achieved / 1e12,
-            "mfu": achieved / peak,
+            "model_tflops_per_device": model / 1e12,
+            "hardware_tflops_per_device": hardware / 1e12,
+            "mfu": model / peak,
+            "hfu": hardware / peak,
             "pack_efficiency": self.real_tokens / max(self.slots, 1),
             "skipped_media": float(skipped),
         }
-        self.__init__()
+        self.__init__(self.cfg)
         return out
 
 

@@ -90,6 +90,19 @@ def test_dit_with_context_backend_equals_one_device(measured):
 
 
 @pytest.mark.slow
+def test_dit_with_ring_backend_equals_one_device_forward_and_gradients(measured):
+    """model.attention="ring" on a (data=2, context=2, tensor=2) mesh against "xla" on one
+    device, same perturbed weights: the output, and every weight's gradient (each to TOL of
+    that weight's largest gradient)."""
+    r, scale = measured["dit"]["ring"], measured["dit"]["scale"]
+    assert r["collective"], "the ring DiT compiled without a collective-permute"
+    assert r["diff"] < TOL * scale, f"ring DiT output differs by {r['diff']} on {DIT_MESH}"
+    assert len(r["grads"]) > 50 and max(g for _, g in r["grads"].values()) > 0.1, r["grads"]
+    for name, (diff, ref) in r["grads"].items():
+        assert diff <= TOL * max(ref, 1.0), f"{name}: gradient off by {diff} (|g| up to {ref})"
+
+
+@pytest.mark.slow
 def test_heads_not_divisible_by_context_is_a_clear_error(measured):
     six_heads, four_heads_two_tensor = measured["errors"]
     assert "model.num_heads=6 " in six_heads and "mesh.context=4" in six_heads, six_heads
@@ -160,7 +173,8 @@ def _check_attention(mesh, fn, heads: int) -> dict:
 
 
 def _check_dit(mesh) -> dict:
-    """The whole model, weights and inputs sharded like training, against one device."""
+    """The whole model, weights and inputs sharded like training, against one device: the
+    `context` backend's forward, and the `ring` backend's forward and weight gradients."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -177,11 +191,14 @@ def _check_dit(mesh) -> dict:
     cfg = dict(patch_dim=12, width=64, depth=2, num_heads=8, text_vocab=64, text_len=6)
     cfg.update(text_width=16, text_depth=1, text_heads=2)
     seq_len, S = 128, 4
+    backends = ("xla", "context", "ring")
     graphdefs, states = {}, {}
-    for a in ("xla", "context"):
+    for a in backends:
         graphdefs[a], states[a] = nnx.split(make_model(DiTConfig(**cfg, attention=a), seed=0))
-    leaves = [jax.tree.leaves(states[a]) for a in ("xla", "context")]
-    same_params = all(np.array_equal(a, b) for a, b in zip(*leaves, strict=True))
+    leaves = [jax.tree.leaves(states[a]) for a in backends]
+    same_params = all(
+        np.array_equal(a, b) for other in leaves[1:] for a, b in zip(leaves[0], other, strict=True)
+    )
     # adaLN-Zero zero-inits every block's output and the model's, so perturb all weights as
     # tests/conftest.py::randomize_params does, but in NumPy: its ~150 tiny eager ops each
     # compile, which would be most of this test's time on a busy 2-core machine.
@@ -205,13 +222,24 @@ def _check_dit(mesh) -> dict:
         "ids": (rng.integers(1, 64, (B, S, 6)).astype(np.int32), (None, None)),
         "mask": (np.arange(6)[None, None] < rng.integers(1, 7, (B, S, 1)), (None, None)),
     }
+    cotangent = rng.standard_normal((B, seq_len, 12)).astype(np.float32)
 
     def forward(graphdef, state, *args):
         return nnx.merge(graphdef, state)(*args)
 
-    ref = jax.jit(forward, static_argnums=0)(
-        graphdefs["xla"], state, *(x for x, _ in inputs.values())
-    )
+    def weight_grads(graphdef, state, *args):
+        """d sum(out * cotangent) / d weights: every backward path through attention."""
+        params, rest = state.split(nnx.Param, ...)
+
+        def score(params):
+            out = nnx.merge(graphdef, params, rest)(*args)
+            return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+        return jax.grad(score)(params)
+
+    host_args = [x for x, _ in inputs.values()]
+    ref = jax.jit(forward, static_argnums=0)(graphdefs["xla"], state, *host_args)
+    ref_grads = jax.jit(weight_grads, static_argnums=0)(graphdefs["xla"], state, *host_args)
 
     # Stacked (scanned) blocks carry a leading `layers` axis, never sharded.
     rules = tuple(DEFAULT_RULES) + (
@@ -222,15 +250,34 @@ def _check_dit(mesh) -> dict:
         jax.device_put(x, NamedSharding(mesh, logical_to_mesh(("batch", *n), rules)))
         for x, n in inputs.values()
     ]
-    with jax.set_mesh(mesh), activation_sharding(mesh, rules):
-        compiled = jax.jit(forward, static_argnums=0).lower(graphdefs["context"], state, *args)
-        compiled = compiled.compile()
-        out = compiled(state, *args)
+
+    def on_mesh(fn, backend):
+        with jax.set_mesh(mesh), activation_sharding(mesh, rules):
+            compiled = jax.jit(fn, static_argnums=0).lower(graphdefs[backend], state, *args)
+            compiled = compiled.compile()
+            return compiled(state, *args), compiled.as_text()
+
+    out, hlo = on_mesh(forward, "context")
+    ring_out, ring_hlo = on_mesh(forward, "ring")
+    ring_grads, _ = on_mesh(weight_grads, "ring")
+    ring_grads = dict(jax.tree_util.tree_leaves_with_path(ring_grads))
     return {
         "same_params": same_params,
-        "collective": "all-to-all" in compiled.as_text(),
+        "collective": "all-to-all" in hlo,
         "scale": float(np.abs(np.asarray(ref)).max()),
         "diff": _max_diff(out, ref),
+        "ring": {
+            "collective": "collective-permute" in ring_hlo,
+            "diff": _max_diff(ring_out, ref),
+            # Per weight: max |g - g_ref| and max |g_ref|.
+            "grads": {
+                jax.tree_util.keystr(path): [
+                    _max_diff(ring_grads[path], r),
+                    float(np.abs(np.asarray(r)).max()),
+                ]
+                for path, r in jax.tree_util.tree_leaves_with_path(ref_grads)
+            },
+        },
     }
 
 

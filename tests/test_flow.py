@@ -35,6 +35,14 @@ def test_time_shift_endpoints_monotone_and_resolution_rule():
     np.testing.assert_allclose(flow.resolution_shift(grid, 64.0), [1.0, 2.0, 1.0])
 
 
+def test_resolution_shift_is_clamped_at_one_below_base_tokens():
+    """sqrt(max(n, base) / base): fewer tokens than base never shift towards less noise."""
+    grid = jnp.array([[1, 4, 4], [1, 1, 1], [1, 8, 8], [1, 16, 16]])  # 16, 1, 64, 256 tokens
+    shift = np.asarray(flow.resolution_shift(grid, 64.0))
+    assert shift[0] == 1.0 and shift[1] == 1.0 and shift[2] == 1.0  # exactly, not sqrt(n/64)
+    assert shift[3] == 2.0  # n = 4 * base
+
+
 def test_logit_normal_times_are_in_the_open_interval_centered():
     t = flow.logit_normal(jax.random.key(1), (20000,), 0.0, 1.0)
     assert float(t.min()) > 0 and float(t.max()) < 1

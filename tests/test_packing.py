@@ -120,3 +120,24 @@ def test_online_packer_restores_exactly_mid_round():
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
     assert fresh.skipped == packer.skipped > 0
+
+
+def test_online_packer_holds_back_the_least_filled_pack():
+    """60, 50, 45 into L=100: first-fit decreasing gives [60] and [50, 45]; the 95-token pack
+    is handed out and the 60-token one waits for the next round to be topped up."""
+    shape = packing.PackShape(seq_len=100, max_segments=5, patch_dim=2, text_len=4)
+    sizes = [60, 50, 45]
+
+    def example_at(i):
+        ex = make_examples([sizes[i] if i < len(sizes) else 40])[0]
+        ex["patches"][:, 0] = i
+        return ex
+
+    packer = packing.OnlinePacker(example_at, shape, buffer_size=3)
+    first = next(packer)
+    assert int((first["segment_ids"] > 0).sum()) == 95
+    assert sorted({i for i, _ in placed_tokens([first])}) == [1, 2]
+    assert packer.get_state()["carried"] == [[0, 1]]  # index 0 (60 tokens), carried once
+    second = next(packer)  # the next round tops the 60-token pack up with a fresh 40
+    assert int((second["segment_ids"] > 0).sum()) == 100
+    assert 0 in {i for i, _ in placed_tokens([second])}

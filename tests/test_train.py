@@ -15,6 +15,8 @@ from flax import nnx
 
 from jaxsora import train as trainer
 from jaxsora.checkpointing import CheckpointMismatchError
+from jaxsora.compression import make_stage
+from jaxsora.data import pipeline
 from jaxsora.sample import load_run
 from tests.conftest import runlocal_config
 
@@ -109,17 +111,46 @@ def test_an_interrupted_save_is_never_loaded(data_dir, tmp_path):
     assert sorted(losses(str(tmp_path))) == [2, 3, 4]  # resumed from 3, not from the broken 9
 
 
-def test_loss_falls_on_synthetic_clips(data_dir, tmp_path):
+class MeanVelocity:
+    """The best predictor that ignores its input: the mean velocity E[noise - x0] = -E[x0]."""
+
+    def __init__(self, batches):
+        tokens = np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
+        self.mean = -tokens.mean(0)
+
+    def __call__(self, x_t, *_):
+        return np.broadcast_to(self.mean, x_t.shape)
+
+
+def test_training_beats_predicting_the_mean_velocity_on_held_out_clips(data_dir, tmp_path):
+    """A falling training loss could be the model learning the data's mean; scored on validation
+    clips it never trained on, with the same noise and times for both, it must do much better."""
     config = runlocal_config(data_dir, "runlocal,steps=40")
     config.log_every = 1
     config.checkpoint_every = 1000
     config.optim.warmup_steps = 5
     config.optim.lr = 3e-3
-    trainer.train(config, str(tmp_path))
+    last = trainer.train(config, str(tmp_path))
     by_step = losses(str(tmp_path))
     first = np.mean([by_step[s] for s in range(1, 6)])
-    last = np.mean([by_step[s] for s in range(36, 41)])
-    assert last < 0.75 * first, by_step
+    assert np.mean([by_step[s] for s in range(36, 41)]) < 0.75 * first, by_step
+    # Every log line carries both FLOP figures; dense attention and padding make HFU the larger.
+    assert 0 < last["mfu"] < last["hfu"] < 1, last
+    assert last["hardware_tflops_per_device"] > last["model_tflops_per_device"] > 0, last
+
+    model, _ = load_run(str(tmp_path), use_ema=False)
+    held_out = pipeline.make_batches(config, make_stage(config.model), split="validation")
+    batches = [next(held_out) for _ in range(4)]
+    baseline = MeanVelocity(batches)
+    scores = {"model": [], "mean_velocity": []}
+    for k, batch in enumerate(batches):
+        key = jax.random.key(100 + k)
+        for name, predictor in (("model", model), ("mean_velocity", baseline)):
+            loss, _ = trainer.loss_and_metrics(predictor, batch, key, config)
+            scores[name].append(float(loss))
+    model_loss, baseline_loss = np.mean(scores["model"]), np.mean(scores["mean_velocity"])
+    # Measured: 1.09 against 1.58 (0.69x) after these 40 steps of a width-32 model.
+    assert model_loss < 0.8 * baseline_loss, scores
 
 
 def test_bad_config_fails_before_compilation_naming_the_field(data_dir, tmp_path):
@@ -135,6 +166,22 @@ def test_bad_config_fails_before_compilation_naming_the_field(data_dir, tmp_path
     config.mesh = dict(data=3, fsdp=1, context=1, tensor=1)
     with pytest.raises(ValueError, match="mesh"):
         trainer.train(config, str(tmp_path))
+
+
+def test_bad_accumulation_or_attention_backend_fails_before_compilation(data_dir, tmp_path):
+    for accum, match in ((0, "optim.accum_steps=0 must be"), (3, "divisible by optim.accum")):
+        config = runlocal_config(data_dir)  # batch_size=2
+        config.optim.accum_steps = accum
+        with pytest.raises(ValueError, match=match):
+            trainer.train(config, str(tmp_path))
+    config = runlocal_config(data_dir)
+    config.model.attention = "flash"
+    with pytest.raises(ValueError, match="model.attention='flash' is not one of"):
+        trainer.train(config, str(tmp_path))
+    config = runlocal_config(data_dir)
+    config.model.attention = "ring"  # a backend: on one device it is the dense path
+    trainer.validate(config)
+    assert not os.path.exists(tmp_path / "checkpoints")  # nothing ran
 
 
 def test_checkpoint_of_another_model_is_refused_with_the_field(data_dir, tmp_path):

@@ -33,9 +33,7 @@ class PackShape:
     text_len: int  # Lt
 
 
-def first_fit_decreasing(
-    sizes: Sequence[int], seq_len: int, max_segments: int
-) -> list[list[int]]:
+def first_fit_decreasing(sizes: Sequence[int], seq_len: int, max_segments: int) -> list[list[int]]:
     """Bins of item indices, each holding at most `seq_len` tokens and `max_segments` items.
 
     Items are taken largest first (ties by index, so the result is deterministic) and each goes
@@ -93,9 +91,7 @@ def build_pack(examples: Sequence[Example], shape: PackShape) -> dict[str, np.nd
     return pack
 
 
-def pack_examples(
-    examples: Sequence[Example], shape: PackShape
-) -> list[dict[str, np.ndarray]]:
+def pack_examples(examples: Sequence[Example], shape: PackShape) -> list[dict[str, np.ndarray]]:
     """Packs a finite list of examples (used by the sampler and by tests)."""
     sizes = [ex["patches"].shape[0] for ex in examples]
     bins = first_fit_decreasing(sizes, shape.seq_len, shape.max_segments)
@@ -119,9 +115,11 @@ class OnlinePacker:
     carried over from the last round, and how many packs of the current round were handed out.
     Restoring replays the current round from its indices, which gives exactly the same packs.
 
-    Each round fills the buffer to `buffer_size` examples and packs them; the least-filled pack
-    goes back to the buffer for the next round (its items fill the gaps left by bigger ones) unless
-    its items have already been carried `max_carries` times, which bounds their delay.
+    Each round fills the buffer to `buffer_size` examples and packs them first-fit decreasing;
+    the pack with the fewest tokens (ties: the later one) goes back to the buffer for the next
+    round, where its items fill the gaps left by bigger ones, unless it is full or its items have
+    already been carried `max_carries` times, which bounds their delay. The other packs are handed
+    out in first-fit order.
     """
 
     def __init__(
@@ -184,12 +182,16 @@ class OnlinePacker:
         carried: list[tuple[int, int]] = []
         self._kept = {}
         if len(bins) > 1:
-            last = bins[-1]
-            fill = sum(sizes[i] for i in last) / self._shape.seq_len
-            if fill < 1.0 and all(items[i][1] < self._max_carries for i in last):
-                bins = bins[:-1]
-                carried = [(items[i][0], items[i][1] + 1) for i in last]
-                self._kept = {items[i][0]: examples[i] for i in last}
+            # The least-filled bin (ties: the later one) is the one worth refilling next round.
+            fills = [sum(sizes[i] for i in b) for b in bins]
+            held = min(range(len(bins)), key=lambda b: (fills[b], -b))
+            kept = bins[held]
+            if fills[held] < self._shape.seq_len and all(
+                items[i][1] < self._max_carries for i in kept
+            ):
+                bins = bins[:held] + bins[held + 1 :]
+                carried = [(items[i][0], items[i][1] + 1) for i in kept]
+                self._kept = {items[i][0]: examples[i] for i in kept}
         packs = [build_pack([examples[i] for i in b], self._shape) for b in bins]
         return packs, index, carried, rejected
 

@@ -18,10 +18,13 @@ def logit_normal(key: jax.Array, shape: tuple[int, ...], mean: float, std: float
 
 
 def resolution_shift(grid: jax.Array, base_tokens: float) -> jax.Array:
-    """Shift factor per segment from its token count: sqrt(n / base), SD3's rule.
+    """Shift factor per segment from its token count n: sqrt(max(n, base) / base).
 
-    More tokens carry more redundant signal, so the same noise level destroys less of the
-    content; shifting t towards 1 keeps the signal-to-noise ratio comparable across sizes.
+    SD3's rule is sqrt(n / base): more tokens carry more redundant signal, so the same noise
+    level destroys less of the content, and shifting t towards 1 keeps the signal-to-noise
+    ratio comparable across sizes. Clamped at 1 from below on purpose: a clip smaller than
+    `base_tokens` is not shifted towards less noise (a shift < 1 would train small images at
+    lower noise than the base resolution), so n <= base gives exactly 1 and n = 4 * base gives 2.
     `grid` is [..., 3]; empty segments (a zero grid) get shift 1.
     """
     tokens = jnp.prod(grid, axis=-1).astype(jnp.float32)
@@ -50,6 +53,47 @@ def per_segment(values_BS: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
     )
 
 
+def packed_loss_sums(
+    pred_BLP: jax.Array,
+    target_BLP: jax.Array,
+    segment_ids_BL: jax.Array,
+    cond_mask_BL: jax.Array,
+    max_segments: int,
+    weighting: str = "segment",
+) -> dict[str, jax.Array]:
+    """The loss as a sum and a count, so micro-batches add up to exactly the whole batch's.
+
+    weighting="segment": total = sum over live segments of each one's mean token error, count =
+    live segments. weighting="token": total = sum of token errors, count = live tokens. The
+    loss is total / count over everything summed; `segments` counts live segments either way.
+    """
+    if weighting not in ("segment", "token"):
+        raise ValueError(f"loss weighting {weighting!r} is not 'segment' or 'token'")
+    err_BL = jnp.mean(jnp.square(pred_BLP.astype(jnp.float32) - target_BLP), axis=-1)
+    live_BL = (segment_ids_BL > 0) & ~cond_mask_BL
+    err_BL = jnp.where(live_BL, err_BL, 0.0)
+    onehot_BLS = (
+        jax.nn.one_hot(segment_ids_BL - 1, max_segments, dtype=jnp.float32) * live_BL[..., None]
+    )
+    count_BS = onehot_BLS.sum(axis=1)
+    has_BS = count_BS > 0
+    segments = has_BS.sum().astype(jnp.float32)
+    if weighting == "token":
+        return {
+            "total": jnp.sum(err_BL),
+            "count": live_BL.sum().astype(jnp.float32),
+            "segments": segments,
+        }
+    sum_BS = jnp.einsum("bl,bls->bs", err_BL, onehot_BLS)
+    seg_loss_BS = jnp.where(has_BS, sum_BS / jnp.maximum(count_BS, 1.0), 0.0)
+    return {"total": jnp.sum(seg_loss_BS), "count": segments, "segments": segments}
+
+
+def loss_from_sums(sums: dict[str, jax.Array]) -> jax.Array:
+    """total / count, 0 for a batch with nothing to score."""
+    return sums["total"] / jnp.maximum(sums["count"], 1.0)
+
+
 def packed_loss(
     pred_BLP: jax.Array,
     target_BLP: jax.Array,
@@ -63,24 +107,11 @@ def packed_loss(
     weighting="segment" (default): averaged per segment, then over segments, so a 16-token image
     counts as much as a 1,000-token clip. weighting="token": every token counts the same.
     """
-    err_BL = jnp.mean(jnp.square(pred_BLP.astype(jnp.float32) - target_BLP), axis=-1)
-    live_BL = (segment_ids_BL > 0) & ~cond_mask_BL
-    if weighting == "token":
-        n = jnp.maximum(live_BL.sum(), 1)
-        loss = jnp.sum(jnp.where(live_BL, err_BL, 0.0)) / n
-        return loss, {"loss": loss, "segments": jnp.zeros(())}
-    if weighting != "segment":
-        raise ValueError(f"loss weighting {weighting!r} is not 'segment' or 'token'")
-    onehot_BLS = (
-        jax.nn.one_hot(segment_ids_BL - 1, max_segments, dtype=jnp.float32) * live_BL[..., None]
+    sums = packed_loss_sums(
+        pred_BLP, target_BLP, segment_ids_BL, cond_mask_BL, max_segments, weighting
     )
-    count_BS = onehot_BLS.sum(axis=1)
-    sum_BS = jnp.einsum("bl,bls->bs", jnp.where(live_BL, err_BL, 0.0), onehot_BLS)
-    has_BS = count_BS > 0
-    seg_loss_BS = sum_BS / jnp.maximum(count_BS, 1.0)
-    n_seg = jnp.maximum(has_BS.sum(), 1)
-    loss = jnp.sum(jnp.where(has_BS, seg_loss_BS, 0.0)) / n_seg
-    return loss, {"loss": loss, "segments": has_BS.sum().astype(jnp.float32)}
+    loss = loss_from_sums(sums)
+    return loss, {"loss": loss, "segments": sums["segments"]}
 
 
 def time_grid(num_steps: int, shift_BS: jax.Array) -> jax.Array:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla", "splash", "context")
+BACKENDS = ("xla", "splash", "context", "ring")
 
 
 def attention(
@@ -34,6 +34,10 @@ def attention(
         return context_parallel_attention(
             q_BLHK, k_BMHK, v_BMHK, segment_ids_q_BL, segment_ids_kv_BM
         )
+    if backend == "ring":
+        from jaxsora.models.context_parallel import ring_attention
+
+        return ring_attention(q_BLHK, k_BMHK, v_BMHK, segment_ids_q_BL, segment_ids_kv_BM)
     raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
 
 
