@@ -26,9 +26,11 @@ def traced_step_flops(config, batch) -> int:
     return matmul_flops(step_fn, state, batch)
 
 
-# The loss's per-segment average is an einsum of 2*B*L*S FLOPs (and its transpose): not model
-# work, and under a millionth of the step.
-LOSS_EINSUM_RTOL = 1e-5
+def loss_einsum_flops(batch) -> int:
+    """The loss's per-segment average is an einsum of 2*B*L*S FLOPs, and its transpose as many:
+    the one matmul of the step that is not the model's (a hundred-thousandth of it)."""
+    B, L = batch["segment_ids"].shape
+    return 2 * 2 * B * L * batch["grid"].shape[1]
 
 
 @pytest.mark.parametrize("remat,scan", [("none", False), ("full", True), ("dots", True)])
@@ -38,7 +40,7 @@ def test_hardware_count_is_every_matmul_of_the_traced_step(remat, scan):
     batch = synthetic_batch(config)
     counted = flops.train_step_flops(trainer.dit_config(config), batch).hardware
     traced = traced_step_flops(config, batch)
-    assert counted <= traced <= counted * (1 + LOSS_EINSUM_RTOL), (counted, traced)
+    assert traced == counted + loss_einsum_flops(batch), (counted, traced)
 
 
 @pytest.mark.slow
@@ -48,7 +50,9 @@ def test_hardware_count_agrees_with_xla_cost_analysis():
     config = tiny.get_config()
     batch = synthetic_batch(config)
     step_fn, state = step_and_state(config)
-    cost = step_fn.lower(state, batch).compile().cost_analysis()
+    # LLVM's optimisation level changes the machine code, not the HLO that XLA counts.
+    compiled = step_fn.lower(state, batch).compile({"xla_backend_optimization_level": 0})
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     counted = flops.train_step_flops(trainer.dit_config(config), batch).hardware
     assert 1.0 <= cost["flops"] / counted <= 1.08, (cost["flops"], counted)
@@ -79,9 +83,10 @@ def test_model_count_is_the_work_of_each_segment_run_alone():
     traced = 0
     for b in range(batch["segment_ids"].shape[0]):
         for k in np.unique(batch["segment_ids"][b][batch["segment_ids"][b] > 0]):
-            traced += matmul_flops(step_fn, state, alone(batch, b, int(k)))
+            one = alone(batch, b, int(k))
+            traced += matmul_flops(step_fn, state, one) - loss_einsum_flops(one)
     counted = flops.train_step_flops(cfg, batch)
-    assert counted.model <= traced <= counted.model * (1 + 10 * LOSS_EINSUM_RTOL)
+    assert traced == counted.model, (traced, counted.model)
     segments = sum(len(np.unique(s[s > 0])) for s in batch["segment_ids"])
     assert segments >= 2 * len(batch["segment_ids"]), "packs must hold several segments"
     assert counted.hardware > 1.3 * counted.model, "dense attention and padding cost extra"

@@ -12,16 +12,11 @@ from jaxsora import sharding
 from jaxsora import train as trainer
 from jaxsora.data import packing
 from jaxsora.models.dit import DiTConfig, make_model
+from tests.conftest import randomize_params, run_fast_compiled
 
 # float32 on CPU: the same sums taken in another order move results by a few ulps, so each leaf
 # must match to 1e-5 of its own largest magnitude.
 RTOL = 1e-5
-
-
-def run_fast_compiled(fn, *args):
-    """jit(fn)(*args), compiled without LLVM's optimisations: a third of the compile time of
-    these small steps, the same float semantics, and every variant compiled alike."""
-    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
 
 
 def leaf_name(path) -> str:
@@ -36,7 +31,7 @@ def test_weight_decay_moves_kernels_and_leaves_biases_scales_embeddings_alone(sc
         patch_dim=12, width=32, depth=2, num_heads=2, text_vocab=64, text_len=6, text_width=16,
         text_depth=1, text_heads=2, scan_layers=scan_layers,
     )  # fmt: skip
-    model = perturbed(make_model(cfg, seed=0))
+    model = randomize_params(make_model(cfg, seed=0))
     o = tiny.get_config().optim
     o.lr, o.warmup_steps, o.weight_decay = 0.1, 0, 0.5  # lr(0) = 0.1: decay is lr * wd = 5%
     optimizer = nnx.Optimizer(model, trainer.make_optimizer(o, total_steps=10), wrt=nnx.Param)
@@ -102,25 +97,12 @@ def packed_batch(config) -> dict:
     return packing.stack_packs(packs)
 
 
-def perturbed(state, scale: float = 0.2, seed: int = 1):
-    """Every float weight plus noise, as tests/conftest.py::randomize_params does (adaLN-Zero
-    starts blocks and output at zero, and biases at zero hide weight decay), but in NumPy: its
-    eager per-leaf ops each compile, most of a fast test's time on a busy 2-core machine."""
-    rng = np.random.default_rng(seed)
-    noisy = jax.tree.map(
-        lambda x: np.asarray(x) + scale * rng.standard_normal(x.shape).astype(np.float32),
-        nnx.state(state, nnx.Param),
-    )
-    nnx.update(state, noisy)
-    return state
-
-
 def initial_values(config):
     """A perturbed one-device train state, split; the same for every accum_steps (the step
     reads accum_steps from the config it is traced with, not from the state)."""
     mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    state = perturbed(trainer.create_train_state(config, mesh, rules))
+    state = randomize_params(trainer.create_train_state(config, mesh, rules))
     return nnx.split(state)
 
 
