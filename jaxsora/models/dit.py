@@ -140,6 +140,13 @@ class DiT(nnx.Module):
         )
         text_BSLtE, pooled_BSE = self.captions(text_ids_BSLt, text_mask_BSLt)
         c_BSD = t_emb + self.caption_pool(pooled_BSE)
+        # The per-segment conditioning is tiny ([B, S, D]) and every ada layer contracts its
+        # whole width, so keep that width unsplit. Left as time_mlp2/caption_pool produce it
+        # (width over `tensor`), XLA (GSPMD and Shardy alike, jax 0.10.2) mis-partitioned the
+        # backward of per_segment(ada(c)) (a gather along S of a matmul with the ada kernel's
+        # input axis over `fsdp`, which also splits the batch): c's gradient, hence the time and
+        # caption encoders', came out wrong on data x fsdp x tensor meshes.
+        c_BSD = constrain(c_BSD, ("batch", None, None))
         ctx_BMD = self.caption_proj(text_BSLtE).reshape(B, S * Lt, -1)
         seg_of_caption = jnp.arange(1, S + 1, dtype=jnp.int32)[None, :, None]
         ctx_seg_BM = jnp.where(text_mask_BSLt, seg_of_caption, 0).reshape(B, S * Lt)
