@@ -1,6 +1,7 @@
 """Training end to end: loss falls, resume in a fresh process is bitwise exact, bad configs fail
 early, a checkpoint from another model is refused."""
 
+import functools
 import json
 import os
 import signal
@@ -142,12 +143,13 @@ def test_training_beats_predicting_the_mean_velocity_on_held_out_clips(data_dir,
     held_out = pipeline.make_batches(config, make_stage(config.model), split="validation")
     batches = [next(held_out) for _ in range(4)]
     baseline = MeanVelocity(batches)
+    model_loss_fn = nnx.jit(functools.partial(trainer.loss_and_metrics, config=config))
     scores = {"model": [], "mean_velocity": []}
     for k, batch in enumerate(batches):
         key = jax.random.key(100 + k)
-        for name, predictor in (("model", model), ("mean_velocity", baseline)):
-            loss, _ = trainer.loss_and_metrics(predictor, batch, key, config)
-            scores[name].append(float(loss))
+        scores["model"].append(float(model_loss_fn(model, batch, key)[0]))
+        loss, _ = trainer.loss_and_metrics(baseline, batch, key, config)
+        scores["mean_velocity"].append(float(loss))
     model_loss, baseline_loss = np.mean(scores["model"]), np.mean(scores["mean_velocity"])
     # Measured: 1.09 against 1.58 (0.69x) after these 40 steps of a width-32 model.
     assert model_loss < 0.8 * baseline_loss, scores
