@@ -29,6 +29,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from jaxsora import train as trainer
+from jaxsora import training
 from jaxsora.checkpointing import Checkpointer
 from jaxsora.compression import Stage, make_stage
 from jaxsora.data import packing, video
@@ -181,7 +182,7 @@ def load_run(workdir: str, use_ema: bool = True) -> tuple[DiT, ml_collections.Co
         )
     config = ml_collections.ConfigDict(ckpt.saved_config(step))
     cfg = trainer.dit_config(config)
-    tx = trainer.make_optimizer(config.optim, config.total_steps)
+    tx = training.make_optimizer(config.optim, config.total_steps)
     abstract = nnx.eval_shape(
         lambda: trainer.TrainState(trainer.make_model(cfg, config.seed), tx, config.seed)
     )
@@ -214,7 +215,7 @@ def read_requests(path: str) -> list[Request]:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    trainer.quiet_orbax_info_logs()
+    training.quiet_orbax_info_logs()
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     if FLAGS.requests:

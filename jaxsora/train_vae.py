@@ -34,7 +34,7 @@ from jaxsora.distributed import PreemptionWatch, initialize
 from jaxsora.export import save_vae_dir
 from jaxsora.metrics import MetricsWriter
 from jaxsora.models.vae import VAEConfig, VideoVAE, make_vae, vae_config_from_dict
-from jaxsora.train import (
+from jaxsora.training import (
     RunVar,
     check_finite,
     make_optimizer,

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from experiments import tiny
-from jaxsora import sharding
+from jaxsora import sharding, training
 from jaxsora import train as trainer
 from jaxsora.data import packing
 from jaxsora.models.dit import DiTConfig, make_model
@@ -34,7 +34,7 @@ def test_weight_decay_moves_kernels_and_leaves_biases_scales_embeddings_alone(sc
     model = randomize_params(make_model(cfg, seed=0))
     o = tiny.get_config().optim
     o.lr, o.warmup_steps, o.weight_decay = 0.1, 0, 0.5  # lr(0) = 0.1: decay is lr * wd = 5%
-    optimizer = nnx.Optimizer(model, trainer.make_optimizer(o, total_steps=10), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, training.make_optimizer(o, total_steps=10), wrt=nnx.Param)
     before = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param).to_pure_dict())
     before = {jax.tree_util.keystr(p): (leaf_name(p), np.asarray(x)) for p, x in before}
     graphdef, state = nnx.split((optimizer, model))
