@@ -55,9 +55,11 @@ lint: install
 bench: data
 	$(PY) -m benchmarks.packing_efficiency --data_dir $(DATA_DIR)
 	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.input_pipeline --data_dir $(DATA_DIR)
 	$(PY) -m benchmarks.torch_peer
 	$(PY) -m benchmarks.sharded_step
 	$(PY) -m benchmarks.vae_reconstruction --vae_dir $(VAE_WORKDIR)/vae --data_dir $(DATA_DIR)
+	$(PY) -m benchmarks.decode_window
 
 clean:
 	rm -rf $(VENV) data runs

@@ -98,7 +98,11 @@ def run_compiled(budget: int, reps: int, warmup: int, threads: int, data_dir: st
 
 def main(argv: list[str]) -> None:
     del argv
-    import torch
+    try:
+        import torch
+    except ImportError:  # a checkout installed without the torch extra: say so, as one line
+        skip("PyTorch is not installed; install it with `pip install -e '.[torch]'`")
+        return
 
     threads = FLAGS.torch_threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -117,7 +121,11 @@ def main(argv: list[str]) -> None:
     with common.json_stdout() as emit:
         load_start = common.load_average()
         config = train_step.tiny_config()
-        batch_np = train_step.make_batch(config, FLAGS.data_dir)
+        try:
+            batch_np = train_step.make_batch(config, FLAGS.data_dir)
+        except FileNotFoundError as e:  # --data_dir without the dataset
+            emit({"benchmark": "torch_peer", "skipped": str(e), "machine": common.machine_info()})
+            return
         stats = common.batch_stats(batch_np)
 
         # ------------------------------------------------------------------ same model, proven
@@ -214,6 +222,12 @@ def main(argv: list[str]) -> None:
             record["torch_compiled_tokens_per_s"] = stats["real_tokens"] / med
             record["speedup_vs_compiled"] = med / jt["median"]
         emit(common.round_floats(record))
+
+
+def skip(reason: str) -> None:
+    """The benchmark's one JSON line when it cannot run here; `make bench` goes on."""
+    with common.json_stdout() as emit:
+        emit({"benchmark": "torch_peer", "skipped": reason, "machine": common.machine_info()})
 
 
 def define_flags() -> None:

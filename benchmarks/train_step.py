@@ -262,7 +262,11 @@ def main(argv: list[str]) -> None:
     with common.json_stdout() as emit:
         load_start = common.load_average()
         config = tiny_config(FLAGS.config_arg)
-        batch_np = make_batch(config, FLAGS.data_dir)
+        try:
+            batch_np = make_batch(config, FLAGS.data_dir)
+        except FileNotFoundError as e:  # --data_dir without the dataset: say so, as one line
+            emit({"benchmark": "train_step", "skipped": str(e), "machine": common.machine_info()})
+            return
         stats = common.batch_stats(batch_np)
         step = build_jax_step(config, batch_np)
         logging.info("compiled the step in %.1fs", step.compile_s)

@@ -12,8 +12,9 @@ Prints one JSON line:
   memory of a fresh process that does only that decode (it includes JAX itself and the output).
   Whole grows with T'; chunked does not.
 
-Needs a trained VAE directory (`make train-latent`, or `python -m jaxsora.train_vae`); without
-one it prints a line saying so and exits 0, so `make bench` still runs the other benchmarks.
+Needs a trained VAE directory (`make train-latent`, or `python -m jaxsora.train_vae`) and
+sample_media built under --data_dir (`make data`); without either it prints a line saying so and
+exits 0, so `make bench` still runs the other benchmarks.
 """
 
 from __future__ import annotations
@@ -134,8 +135,13 @@ def main(vae_dir: str, data_dir: str) -> None:
             )
             emit(record)
             return
+        try:
+            examples = vae_data.eval_set(data_dir, frames=9, max_side=128)
+        except FileNotFoundError as e:  # sample_media not built under --data_dir
+            record["skipped"] = f"{e}"
+            emit(record)
+            return
         model, _, _ = load_vae_dir(vae_dir)
-        examples = vae_data.eval_set(data_dir, frames=9, max_side=128)
         t0 = time.perf_counter()
         graphdef, state = nnx.split(model)
         scores = evaluate(make_reconstruct_fn(graphdef), state, examples)

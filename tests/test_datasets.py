@@ -217,3 +217,45 @@ def test_video_folder_errors_are_clear(tmp_path):
     (folder / "captions.jsonl").write_text('{"file": "clip.png"}\n')
     with pytest.raises(ValueError, match=r"captions.jsonl:1: expected a JSON object"):
         build("video_folder", str(tmp_path / "b"), folder=str(folder))
+
+
+def _write_clip(path, codec, frames=5, pix_fmt="yuv420p", container_format=None):
+    with av.open(str(path), mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, pix_fmt
+        for t in range(frames):
+            rgb = np.full((24, 32, 3), 40 * t, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def test_video_folder_reads_what_pyav_and_pillow_decode_and_reports_the_rest(tmp_path, caplog):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    clips = {
+        "anim.gif": ("gif", "rgb8", None),
+        "clip.webm": ("libvpx-vp9", "yuv420p", None),
+        "clip.mkv": ("libx264", "yuv420p", None),
+        "clip.m4v": ("libx264", "yuv420p", "mp4"),
+        "CLIP.MOV": ("libx264", "yuv420p", "mov"),  # extensions in any case
+        "clip.avi": ("mpeg4", "yuv420p", None),
+    }
+    for name, (codec, pix_fmt, container_format) in clips.items():
+        _write_clip(folder / name, codec, pix_fmt=pix_fmt, container_format=container_format)
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for name in ("photo.webp", "photo.bmp", "photo.tiff"):
+        Image.fromarray(image).save(folder / name, lossless=True)
+    (folder / "notes.md").write_text("not media")
+    (folder / "photo.heic").write_bytes(b"\x00" * 64)
+    (folder / "clip.txt").write_text("a sidecar caption")  # a caption, not an unknown file
+    with caplog.at_level("WARNING"):
+        builder = build("video_folder", str(tmp_path / "tfds"), folder=str(folder))
+    records = {os.path.basename(r["path"].decode()): r for r in _records(builder, "train")}
+    assert sorted(records) == sorted([*clips, "photo.webp", "photo.bmp", "photo.tiff"])
+    for name in clips:
+        assert records[name]["media_kind"] == b"video"
+        assert decode_example(records[name]).shape == (5, 24, 32, 3), name
+    for name in ("photo.webp", "photo.bmp", "photo.tiff"):
+        np.testing.assert_array_equal(decode_example(records[name]), image[None])
+    assert "2 files" in caplog.text and "notes.md" in caplog.text and "photo.heic" in caplog.text
+    assert "clip.txt" not in caplog.text

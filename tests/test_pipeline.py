@@ -1,9 +1,14 @@
 """The input pipeline: deterministic packs, exact iterator restore, efficiency, bad media."""
 
+import contextlib
 import dataclasses
+import json
 import logging
+import re
+import signal
 
 import av
+import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,6 +16,7 @@ from PIL import Image
 from data_pipelines.build import build
 from jaxsora.compression import PixelSpace
 from jaxsora.data import pipeline, video
+from jaxsora.data.media import decode_example
 from tests.conftest import runlocal_config
 
 
@@ -94,12 +100,25 @@ def test_token_budget_keeps_aspect_ratio_and_cuts_long_clips():
     assert out.shape[0] * (out.shape[1] // 4) * (out.shape[2] // 4) <= 100
 
 
-def write_mp4(path, frames=6, size=(32, 48)):
+def test_frames_far_wider_or_taller_than_the_budget_allows_still_make_an_example():
+    spec = pipeline.ExampleSpec(
+        patch=(1, 4, 4), min_tokens=16, max_tokens=64, max_frames=4, frame_stride=1,
+        text_len=8, text_vocab=64,
+    )  # fmt: skip
+    for shape in [(3, 1, 1000, 3), (1, 2, 20000, 3), (2, 1000, 1, 3)]:
+        frames = np.zeros(shape, np.uint8)
+        ex = pipeline.make_example(frames, "a", spec, PixelSpace(), np.random.default_rng(0))
+        assert (ex["grid"] >= 1).all() and np.prod(ex["grid"]) <= spec.max_tokens, shape
+
+
+def write_mp4(path, frames=6, size=(32, 48), options=None):
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=8)
         stream.width, stream.height, stream.pix_fmt = size[1], size[0], "yuv420p"
+        stream.options = options or {}
         for i in range(frames):
-            img = np.full((size[0], size[1], 3), 20 * i, np.uint8)
+            img = np.full((size[0], size[1], 3), 20 * i % 256, np.uint8)
+            img[:, (3 * i) % size[1]] = 255  # a moving line: every frame differs in space too
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
@@ -119,34 +138,171 @@ def folder_dataset(tmp_path_factory):
     return data_dir
 
 
-def test_bad_media_is_skipped_counted_and_logged_with_its_path(folder_dataset, caplog):
-    config = runlocal_config(folder_dataset)
+@pytest.fixture(scope="module")
+def clips_dataset(tmp_path_factory):
+    """A user folder of 40-frame clips with keyframes every 5 frames and B-frames (MP4, and an
+    AVI whose timestamps cannot place its B-frames), and a photo."""
+    folder = tmp_path_factory.mktemp("clips")
+    gop = {"g": "5", "bf": "3"}
+    write_mp4(folder / "a.mp4", frames=40, options=gop)
+    write_mp4(folder / "b.mp4", frames=33, size=(48, 32), options=gop)
+    write_mp4(folder / "c.avi", frames=40, options=gop)
+    Image.fromarray(np.full((40, 24, 3), 90, np.uint8)).save(folder / "photo.png")
+    data_dir = str(tmp_path_factory.mktemp("tfds_clips"))
+    build("video_folder", data_dir, folder=str(folder))
+    return data_dir
+
+
+def test_decoding_only_the_window_gives_the_examples_of_decoding_whole_clips(clips_dataset):
+    config = folder_config(clips_dataset, max_frames=4, frame_stride=2)  # 7 of 40 frames
+    stage = PixelSpace()
+    records, _ = pipeline.open_sources(clips_dataset, config.data.sources, "train", 0)
+    spec = pipeline.example_spec(config)
+    it = pipeline.PackedBatches(
+        records, spec, pipeline.pack_shape(config, stage), 1, 4, config.seed, stage
+    )
+    for i in range(16):
+        record = records[i]
+        whole = pipeline.make_example(
+            decode_example(record),  # the whole clip, cut to a window afterwards
+            record["caption"],
+            spec,
+            stage,
+            np.random.default_rng([config.seed, i]),
+        )
+        windowed = it.example_at(i)
+        assert whole.keys() == windowed.keys()
+        for k in whole:
+            np.testing.assert_array_equal(whole[k], windowed[k], err_msg=f"record {i}: {k}")
+
+
+def folder_config(data_dir, **data):
+    config = runlocal_config(data_dir)
     config.data.sources = [dict(name="video_folder", weight=1.0)]
-    config.data.max_bad_fraction = 0.6  # half of this folder is bad: allow it
-    it = batches_for(config)
+    config.data.update(data)
+    return config
+
+
+def test_bad_media_is_skipped_counted_and_logged_with_its_path(folder_dataset, caplog):
+    it = batches_for(folder_config(folder_dataset))
     with caplog.at_level(logging.WARNING):
         batch = next(it)
-    seen = it.packer.examples_read
-    assert it.packer.skipped > 0
-    assert it.packer.skipped == pytest.approx(seen / 2, abs=2)  # 2 of every 4 files are bad
+    assert it.skipped == 2  # corrupt.mp4 and empty.mp4, each once
     assert "corrupt.mp4" in caplog.text and "empty.mp4" in caplog.text
     assert (batch["segment_ids"] > 0).any()
 
 
-def test_bad_media_past_the_error_budget_stops_the_run(folder_dataset):
-    config = runlocal_config(folder_dataset)
-    config.data.sources = [dict(name="video_folder", weight=1.0)]
-    config.data.max_bad_fraction = 0.05
+def test_the_error_budget_counts_distinct_bad_files_across_epochs_and_restores(folder_dataset):
+    """2 bad files of 4, re-read every epoch, are 2 bad files: under the default 5% budget
+    (8 files at least) the run goes on, and the count survives a restore exactly."""
+    config = folder_config(folder_dataset, max_bad_fraction=0.05)
     it = batches_for(config)
-    with pytest.raises(RuntimeError, match="error budget"):
+    for _ in range(3):  # a round fills 16 examples from ~32 records: 8 passes over 4 files
+        next(it)
+    state = it.get_state()
+    assert state["skipped"] == it.skipped == 2
+    assert state["next_index"] > 12, "the test must cover several epochs"
+    expected = [next(it) for _ in range(3)]
+    fresh = batches_for(config)
+    fresh.set_state(json.loads(json.dumps(state)))  # as a checkpoint stores it
+    assert_same_batches(expected, [next(fresh) for _ in range(3)])
+    assert fresh.skipped == it.skipped == 2
+    old = {k: v for k, v in state.items() if k != "skipped"}  # a state from before the count
+    batches_for(config).set_state(old)
+
+
+def build_folder(root, good, bad):
+    """A video_folder dataset of `good` clips and `bad` corrupt files; returns its data_dir."""
+    folder = root / "media"
+    folder.mkdir()
+    for i in range(good):
+        write_mp4(folder / f"good_{i}.mp4")
+    rng = np.random.default_rng(0)
+    for i in range(bad):
+        (folder / f"bad_{i}.mp4").write_bytes(rng.bytes(500) if i % 2 else b"")
+    build("video_folder", str(root / "tfds"), folder=str(folder))
+    return str(root / "tfds")
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Fails a test that would hang instead of waiting for it forever."""
+
+    def fail(*_):
+        raise TimeoutError(f"no error after {seconds} s: the pipeline spins on bad media")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(
+    "good,bad,match",
+    [
+        (0, 3, "none of the 3 records"),  # all bad, and fewer than the 8 always allowed
+        (0, 12, "error budget"),  # all bad: the budget stops it at the 9th
+        (1, 10, "error budget"),
+    ],
+)
+def test_bad_media_past_the_error_budget_stops_the_run_naming_the_files(tmp_path, good, bad, match):
+    data_dir = build_folder(tmp_path, good, bad)
+    it = batches_for(folder_config(data_dir, max_bad_fraction=0.05))
+    with time_limit(30), pytest.raises(RuntimeError, match=match) as err:
         for _ in range(20):
             next(it)
+    message = str(err.value)
+    assert "data.max_bad_fraction" in message
+    assert re.search(r"bad_\d+\.mp4 \(", message), "the last bad files are named"
 
 
-def test_a_missing_dataset_says_how_to_build_it(tmp_path):
-    config = runlocal_config(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="data_pipelines.build"):
-        batches_for(config)
+def test_a_record_with_zero_height_is_skipped_and_counted_not_a_crash(data_dir, caplog):
+    config = runlocal_config(data_dir)
+    good = {"frames": np.zeros((4, 16, 24, 3), np.uint8), "caption": b"a", "path": b"ok.npy"}
+    flat = {"frames": np.zeros((4, 0, 24, 3), np.uint8), "caption": b"b", "path": b"flat.npy"}
+    records = grain.MapDataset.source([good, flat] * 8)
+    it = pipeline.PackedBatches(
+        records,
+        pipeline.example_spec(config),
+        pipeline.pack_shape(config, PixelSpace()),
+        batch_size=1,
+        buffer_size=4,
+        seed=0,
+        stage=PixelSpace(),
+        max_bad_fraction=0.6,
+    )
+    with caplog.at_level(logging.WARNING):
+        next(it)
+    assert it.skipped > 0 and "flat.npy" in caplog.text and "zero height" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("synthetic_clips/small", "--dataset synthetic_clips/small --data_dir {}`"),
+        ("video_folder", "--dataset video_folder --data_dir {} --folder YOUR_MEDIA_FOLDER`"),
+        ("latents/synthetic_clips", "--data_dir {} --vae_dir YOUR_VAE_DIR`"),
+    ],
+)
+def test_a_missing_dataset_says_how_to_build_it_in_a_few_words(tmp_path, name, expected):
+    with pytest.raises(FileNotFoundError) as err:
+        pipeline.open_records(str(tmp_path), name, "train")
+    message = str(err.value)
+    assert "python -m data_pipelines.build" in message and expected.format(tmp_path) in message
+    # A few words besides the data_dir (named twice), not TFDS's list of every dataset.
+    assert "data.data_dir" in message and len(message) - 2 * len(str(tmp_path)) < 300, message
+
+
+def test_a_dataset_this_project_does_not_build_is_named_as_such(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        pipeline.open_records(str(tmp_path), "mnist", "train")
+    message = str(err.value)
+    assert "not a dataset this project builds" in message and "data.sources" in message
+    assert "data_pipelines.build" not in message and "video_folder" in message
+    assert len(message) < 400 and err.value.__cause__ is None, message
 
 
 def test_token_dropping_keeps_a_subset_of_each_examples_patches_with_their_positions():
@@ -169,3 +325,8 @@ def test_token_dropping_keeps_a_subset_of_each_examples_patches_with_their_posit
     by_position = {tuple(p): x for p, x in zip(full["positions"], full["patches"], strict=True)}
     for p, x in zip(kept["positions"], kept["patches"], strict=True):
         np.testing.assert_array_equal(x, by_position[tuple(p)])
+
+
+def test_a_built_dataset_without_the_split_names_the_splits_it_has(data_dir):
+    with pytest.raises(ValueError, match=r"cannot be read as split 'test'.*'train'"):
+        pipeline.open_records(data_dir, "synthetic_clips/small", "test")

@@ -9,6 +9,10 @@ Captions, first match wins: a line {"file": "sub/name.mp4", "caption": "..."} in
 `<folder>/captions.jsonl` (paths relative to the folder), a sidecar `name.txt` next to the file,
 else the file stem with underscores as spaces. Subfolders are searched; hidden files skipped.
 
+Videos are any container PyAV (FFmpeg) decodes (`VIDEO_EXTS`: .mp4, .mov, .webm, .mkv, .avi,
+.gif, ...), images what Pillow reads (`IMAGE_EXTS`). Other files are not stored; the build logs
+how many there were, with examples, so a folder of, say, .heic photos is not silently empty.
+
     python -m data_pipelines.build --dataset video_folder --folder my_clips \
         --data_dir data/tfds_my_clips
 
@@ -28,9 +32,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-VIDEO_EXTS = (".mp4", ".mov", ".webm", ".mkv", ".avi")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+# By extension, as FFmpeg's demuxers and Pillow know them; a .gif is decoded as a video (an
+# animated one has many frames, a still one gives a one-frame clip).
+VIDEO_EXTS = (
+    ".mp4", ".m4v", ".mov", ".qt", ".webm", ".mkv", ".avi", ".gif", ".mpg", ".mpeg",
+    ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv",
+)  # fmt: skip
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTIONS_FILE = "captions.jsonl"
+CAPTION_EXT = ".txt"  # sidecar captions: read, not stored, and not reported as unknown
 
 
 def media_kind(path: str) -> str | None:
@@ -38,16 +48,30 @@ def media_kind(path: str) -> str | None:
     return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
 
 
-def find_media(folder: str) -> list[str]:
-    """Media files under `folder`, relative posix paths, sorted so keys are stable."""
-    found = []
+def scan_folder(folder: str) -> tuple[list[str], list[str]]:
+    """(media files, files of unknown kind) under `folder`, relative posix paths, sorted so
+    keys are stable. Hidden files, `captions.jsonl` and .txt sidecars are neither."""
+    media, unknown = [], []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
-            if not name.startswith(".") and media_kind(name):
-                rel = os.path.relpath(os.path.join(root, name), folder)
-                found.append(rel.replace(os.sep, "/"))
-    return sorted(found)
+            if name.startswith(".") or name == CAPTIONS_FILE or name.lower().endswith(CAPTION_EXT):
+                continue
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            (media if media_kind(name) else unknown).append(rel)
+    return sorted(media), sorted(unknown)
+
+
+def report_unknown(folder: str, unknown: list[str]) -> None:
+    if unknown:
+        logging.warning(
+            "video_folder: %d files in %s are not media this builder reads and are left out, "
+            "e.g. %s; it reads %s (convert the others, e.g. with ffmpeg, to include them)",
+            len(unknown),
+            folder,
+            ", ".join(unknown[:5]),
+            " ".join(VIDEO_EXTS + IMAGE_EXTS),
+        )
 
 
 def read_captions_jsonl(folder: str) -> dict[str, str]:
@@ -120,11 +144,12 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
             )
         if not os.path.isdir(self._folder):
             raise FileNotFoundError(f"video_folder: {self._folder} is not a directory")
-        files = find_media(self._folder)
+        files, unknown = scan_folder(self._folder)
+        report_unknown(self._folder, unknown)
         if not files:
             raise ValueError(
-                f"video_folder: no media in {self._folder}; expected files ending in "
-                f"{', '.join(VIDEO_EXTS + IMAGE_EXTS)}"
+                f"video_folder: no media in {self._folder} ({len(unknown)} files of other "
+                f"kinds); expected files ending in {', '.join(VIDEO_EXTS + IMAGE_EXTS)}"
             )
         return {"train": self._generate_examples(files)}
 

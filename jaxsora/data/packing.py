@@ -112,8 +112,15 @@ class OnlinePacker:
 
     Examples are fetched by index (`example_at(i)`, which returns None for media that had to be
     skipped), so the iterator's whole state is a handful of integers: the next index, the indices
-    carried over from the last round, and how many packs of the current round were handed out.
-    Restoring replays the current round from its indices, which gives exactly the same packs.
+    carried over from the last round, how many packs of the current round were handed out, and
+    `skipped`. Restoring replays the current round from its indices, which gives exactly the
+    same packs.
+
+    Each index rejected while filling the buffer goes to `on_reject(i)` at once, inside the fill
+    loop: it decides what counts towards `skipped` and may raise to stop the stream (the
+    pipeline's error budget), so a source whose media are all bad fails instead of spinning
+    forever. The default counts every rejection. A round replayed after a restore does not
+    report its rejections again: they were reported before the save.
 
     Each round fills the buffer to `buffer_size` examples and packs them first-fit decreasing;
     the pack with the fewest tokens (ties: the later one) goes back to the buffer for the next
@@ -128,8 +135,10 @@ class OnlinePacker:
         shape: PackShape,
         buffer_size: int,
         max_carries: int = 2,
+        on_reject: Callable[[int], None] | None = None,
     ):
         self._example_at = example_at
+        self._on_reject = on_reject or self.count_rejection
         self._shape = shape
         self._buffer_size = buffer_size
         self._max_carries = max_carries
@@ -138,7 +147,7 @@ class OnlinePacker:
         self._round_state: dict | None = None  # state at the start of the cached round
         self._round_end: tuple[int, list[tuple[int, int]]] = (0, [])
         self._kept: dict[int, Example] = {}
-        self.skipped = 0  # examples that example_at rejected, over the packer's lifetime
+        self.skipped = 0  # rejections counted by on_reject, over the packer's lifetime
 
     @property
     def examples_read(self) -> int:
@@ -162,17 +171,25 @@ class OnlinePacker:
         self.skipped = int(state.get("skipped", 0))
         self._round, self._round_state, self._kept = [], None, {}
 
-    def _plan_round(self) -> tuple[list[dict[str, np.ndarray]], int, list[tuple[int, int]], int]:
-        """Packs of the round starting at the current state, its end index, its carry-over, and
-        how many fresh indices were rejected (skipped media)."""
+    def count_rejection(self, index: int) -> None:
+        """The default `on_reject`: every rejected index counts."""
+        del index
+        self.skipped += 1
+
+    def _plan_round(
+        self, replay: bool
+    ) -> tuple[list[dict[str, np.ndarray]], int, list[tuple[int, int]]]:
+        """Packs of the round starting at the current state, its end index and its carry-over.
+        Rejections go to `on_reject` unless `replay` (the round was planned before a save)."""
         items: list[tuple[int, int]] = list(self._state["carried"])  # (index, times carried)
         # Carried examples are kept from the last round; after a restore they are fetched again.
         examples = [self._kept[i] if i in self._kept else self._example_at(i) for i, _ in items]
-        index, rejected = self._state["next_index"], 0
+        index = self._state["next_index"]
         while len(items) < self._buffer_size:
             ex = self._example_at(index)
             if ex is None:
-                rejected += 1
+                if not replay:
+                    self._on_reject(index)
             else:
                 items.append((index, 0))
                 examples.append(ex)
@@ -193,7 +210,7 @@ class OnlinePacker:
                 carried = [(items[i][0], items[i][1] + 1) for i in kept]
                 self._kept = {items[i][0]: examples[i] for i in kept}
         packs = [build_pack([examples[i] for i in b], self._shape) for b in bins]
-        return packs, index, carried, rejected
+        return packs, index, carried
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -201,10 +218,8 @@ class OnlinePacker:
     def __next__(self) -> dict[str, np.ndarray]:
         start = {"next_index": self._state["next_index"], "carried": self._state["carried"]}
         if self._round_state != start:
-            self._round, end_index, carried, rejected = self._plan_round()
-            # A round restored mid-way (emitted > 0) already counted its skips before the save.
-            if self._state["emitted"] == 0:
-                self.skipped += rejected
+            # A round restored mid-way (emitted > 0) reported its rejections before the save.
+            self._round, end_index, carried = self._plan_round(replay=self._state["emitted"] > 0)
             self._round_state = start
             self._round_end = (end_index, carried)
         pack = self._round[self._state["emitted"]]

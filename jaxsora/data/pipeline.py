@@ -13,13 +13,23 @@ decoding and the VAE entirely: the pipeline cuts their latent window, crops them
 budget if needed, normalises them and patchifies them (`cached_example`). Training in latent
 space therefore never runs the encoder.
 
-Bad media (corrupt, empty, no frames) is logged with its path and skipped; the pipeline raises
-only when skipped examples exceed the configured error budget.
+Video files are decoded only around the temporal window an example uses (`decode_example_window`
+seeks to the keyframe before it and stops after its last frame), so host memory follows the
+window, not the length of the file.
+
+Bad media (corrupt, empty, no frames, zero height or width) is logged with its path and
+skipped. The error budget counts distinct bad files (a file re-read every epoch counts once) and
+is enforced while the packer fills its buffer, so a source whose media are all bad stops the run
+with the paths of the last bad files instead of spinning forever.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import glob
+import os
 from collections.abc import Iterator
 
 import grain
@@ -30,7 +40,7 @@ from absl import logging
 
 from jaxsora.compression import Stage, VaeMismatchError, check_same_vae
 from jaxsora.data import packing, video
-from jaxsora.data.media import BadMediaError, decode_example
+from jaxsora.data.media import BadMediaError, decode_example_window
 from jaxsora.models.tokenizer import tokenize
 from jaxsora.sharding import batch_sharding
 
@@ -90,11 +100,23 @@ def make_example(
     pixel shape): fine for a few clips, slow for training. Train on a latent cache instead.
     """
     window = video.sample_window(frames.shape[0], spec.max_frames, spec.frame_stride, rng)
+    return window_example(frames[window], caption, spec, stage, rng)
+
+
+def window_example(
+    frames: np.ndarray,
+    caption: bytes | str,
+    spec: ExampleSpec,
+    stage: Stage,
+    rng: np.random.Generator,
+) -> packing.Example:
+    """`make_example` after the temporal window was cut (its frames only), with `rng` as
+    `sample_window` left it, so decoding just the window gives the same example."""
     budget = int(rng.integers(spec.min_tokens, spec.max_tokens + 1))
     if stage.causal:
-        frames = frames_to_latent_grid(frames[window], spec.patch, stage, budget)
+        frames = frames_to_latent_grid(frames, spec.patch, stage, budget)
     else:
-        frames = video.frames_to_grid(frames[window], patch_pixels(spec, stage), budget)
+        frames = video.frames_to_grid(frames, patch_pixels(spec, stage), budget)
     return _to_example(stage.to_latents(frames), caption, spec, rng)
 
 
@@ -197,28 +219,72 @@ def check_source_stage(name: str, records, stage: Stage) -> None:
     check_same_vae(cached, identity, name)
 
 
+# What `python -m data_pipelines.build` needs beyond --dataset and --data_dir, per builder.
+_BUILD_ARGS = {"video_folder": " --folder YOUR_MEDIA_FOLDER", "latents": " --vae_dir YOUR_VAE_DIR"}
+EPOCH_KEY = "_epoch"  # added to every record by `open_sources`: its pass over its source
+
+
+def _is_built(data_dir: str, name: str) -> bool:
+    """Whether some version of `name` ("dataset" or "dataset/config") is prepared there."""
+    pattern = os.path.join(data_dir, *name.replace(":", "/").split("/"), "*", "dataset_info.json")
+    return bool(glob.glob(pattern))
+
+
+def missing_dataset_message(data_dir: str, name: str, split: str) -> str:
+    """One short paragraph instead of TFDS's list of every dataset in its catalog: the build
+    command, for the datasets this project can build, else the ones it can."""
+    from data_pipelines.build import BUILDERS  # late: it imports every builder
+
+    where = (
+        f"dataset {name!r} (split {split!r}) is not built under config data.data_dir={data_dir!r}"
+    )
+    base = name.replace(":", "/").split("/")[0]
+    if base in BUILDERS:
+        return (
+            f"{where}; build it with `python -m data_pipelines.build --dataset {name} "
+            f"--data_dir {data_dir}{_BUILD_ARGS.get(base, '')}`, or point data.data_dir at the "
+            "folder that holds it"
+        )
+    builds = ", ".join(f"{b}:<source>" if b == "latents" else b for b in sorted(BUILDERS))
+    return (
+        f"{where}, and it is not a dataset this project builds ({builds}); fix config "
+        "data.sources, or prepare it yourself as TFDS array_record files under data.data_dir"
+    )
+
+
 def open_records(data_dir: str, name: str, split: str):
     """A built TFDS dataset's records with random access, or a message saying how to build it."""
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises several kinds when a dataset was never built
-        raise FileNotFoundError(
-            f"dataset {name!r} (split {split!r}) not found under data_dir={data_dir!r}: {e}. "
-            f"Build it with `python -m data_pipelines.build --dataset {name} "
-            f"--data_dir {data_dir}` (or `make data`)"
-        ) from e
+        if _is_built(data_dir, name):  # built: the split or the file format is wrong
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"dataset {name!r} under data.data_dir={data_dir!r} cannot be read as split "
+                f"{split!r}: {first_line}"
+            ) from e
+        # `from None`: TFDS's own error lists every dataset in its catalog (500 lines).
+        raise FileNotFoundError(missing_dataset_message(data_dir, name, split)) from None
+
+
+def _tag_epoch(size: int, index: int, record) -> dict:
+    """`record` marked with its pass over its source, so the error budget can count a bad file
+    the first time it is read and not again every epoch."""
+    return {**record, EPOCH_KEY: index // size}
 
 
 def open_sources(
     data_dir: str, sources: list[dict], split: str, seed: int, stage: Stage | None = None
-) -> grain.MapDataset:
-    """Each source's shard for this process, shuffled per epoch and repeated, then mixed.
+) -> tuple[grain.MapDataset, int]:
+    """Each source's shard for this process, shuffled per epoch and repeated, then mixed; and
+    how many distinct records the shards hold together.
 
     Every process gets the same number of records from each source (the remainder is dropped), so
     hosts step in lockstep and never wait on a collective that one of them will not reach.
-    With `stage`, each source is checked against it (`check_source_stage`).
+    Each record carries `EPOCH_KEY`. With `stage`, each source is checked against it
+    (`check_source_stage`).
     """
-    datasets, weights = [], []
+    datasets, weights, total = [], [], 0
     for i, src in enumerate(sources):
         name = src["name"]
         records = open_records(data_dir, name, split)
@@ -233,13 +299,20 @@ def open_sources(
             )
         start = jax.process_index() * per_process
         ds = ds[start : start + per_process].seed(seed + 7919 * i).shuffle().repeat()
-        datasets.append(ds)
+        datasets.append(ds.map_with_index(functools.partial(_tag_epoch, per_process)))
         weights.append(float(src.get("weight", 1.0)))
-    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+        total += per_process
+    mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    return mixed, total
 
 
 class PackedBatches(Iterator[dict[str, np.ndarray]]):
-    """Endless batches of this process's packs, with a JSON-able state for checkpoints."""
+    """Endless batches of this process's packs, with a JSON-able state for checkpoints.
+
+    The error budget: the run stops once the distinct bad files (`skipped`, in the state) are
+    more than max(`min_bad_allowed`, `max_bad_fraction` x records read), or are all
+    `num_records` of them. It is checked at each rejection, inside the packer's fill loop.
+    """
 
     def __init__(
         self,
@@ -252,11 +325,16 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         stage: Stage,
         max_bad_fraction: float = 0.05,
         min_bad_allowed: int = 8,
+        num_records: int | None = None,
     ):
         self._records, self._spec, self._stage, self._seed = records, spec, stage, seed
         self._batch_size = batch_size
         self._max_bad_fraction, self._min_bad_allowed = max_bad_fraction, min_bad_allowed
-        self.packer = packing.OnlinePacker(self.example_at, shape, buffer_size)
+        self._num_records = num_records  # distinct records in `records` (None: unknown)
+        self._recent_bad: collections.deque[str] = collections.deque(maxlen=3)
+        self.packer = packing.OnlinePacker(
+            self.example_at, shape, buffer_size, on_reject=self._on_reject
+        )
 
     def example_at(self, index: int) -> packing.Example | None:
         record = self._records[index]
@@ -271,25 +349,48 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
                     rng,
                     path=_path(record),
                 )
-            frames = decode_example(record, max_frames=None)
+            # Only the window's frames are decoded; `rng` draws it as from the whole clip.
+            frames = decode_example_window(record, self._window_sampler(rng))
         except BadMediaError as e:
-            logging.warning("skipping example %d: %s", index, e)
+            if record.get(EPOCH_KEY, 0) == 0:  # once per file, not again every epoch
+                logging.warning("skipping example %d: %s", index, e)
+            self._recent_bad.append(f"{e.path} ({e.reason})")
             return None
-        return make_example(frames, record["caption"], self._spec, self._stage, rng)
+        return window_example(frames, record["caption"], self._spec, self._stage, rng)
+
+    def _window_sampler(self, rng: np.random.Generator):
+        spec = self._spec
+        return lambda num_frames: video.sample_window(
+            num_frames, spec.max_frames, spec.frame_stride, rng
+        )
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = packing.stack_packs([next(self.packer) for _ in range(self._batch_size)])
-        self._check_error_budget()
-        return batch
+        return packing.stack_packs([next(self.packer) for _ in range(self._batch_size)])
 
-    def _check_error_budget(self) -> None:
-        seen = self.packer.examples_read
+    def _on_reject(self, index: int) -> None:
+        """The packer's rejection hook: a bad file counts the first time it is read (a re-read
+        in a later epoch is the same file), then the budget is checked there and then."""
+        if self._records[index].get(EPOCH_KEY, 0) == 0:
+            self.packer.count_rejection(index)
+        self._check_error_budget(read=index + 1)
+
+    def _check_error_budget(self, read: int) -> None:
         bad = self.packer.skipped
-        if bad > max(self._min_bad_allowed, self._max_bad_fraction * seen):
+        last = "; ".join(self._recent_bad)
+        if self._num_records is not None and bad >= self._num_records:
             raise RuntimeError(
-                f"{bad} of {seen} media files could not be decoded, over the error budget "
-                f"(config data.max_bad_fraction={self._max_bad_fraction}); see the warnings above "
-                "for their paths, then fix or remove them, or raise the budget"
+                f"none of the {self._num_records} records of config data.sources can be used "
+                f"(the last bad files: {last}); no data.max_bad_fraction allows that: fix or "
+                "replace the media and rebuild the dataset, or fix data.sources"
+            )
+        allowed = max(self._min_bad_allowed, self._max_bad_fraction * read)
+        if bad > allowed:
+            raise RuntimeError(
+                f"{bad} distinct media files could not be used in the first {read} records "
+                f"read, over the error budget of {allowed:g} (config "
+                f"data.max_bad_fraction={self._max_bad_fraction}, at least "
+                f"{self._min_bad_allowed} allowed); the last ones: {last}. Fix or remove them "
+                "and rebuild the dataset, or raise data.max_bad_fraction"
             )
 
     def get_state(self) -> dict:
@@ -297,6 +398,12 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
 
     def set_state(self, state: dict) -> None:
         self.packer.set_state(state)
+
+    @property
+    def skipped(self) -> int:
+        """Distinct bad media files so far (the training log's count; the prefetcher reads it
+        too): a file re-read every epoch counts once."""
+        return self.packer.skipped
 
 
 def _path(record) -> str:
@@ -336,7 +443,7 @@ def make_batches(config, stage: Stage, split: str = "train") -> PackedBatches:
             f"config batch_size={config.batch_size} is not divisible by the "
             f"{jax.process_count()} processes"
         )
-    records = open_sources(d.data_dir, list(d.sources), split, config.seed, stage)
+    records, num_records = open_sources(d.data_dir, list(d.sources), split, config.seed, stage)
     return PackedBatches(
         records,
         example_spec(config),
@@ -346,6 +453,7 @@ def make_batches(config, stage: Stage, split: str = "train") -> PackedBatches:
         seed=config.seed,
         stage=stage,
         max_bad_fraction=d.max_bad_fraction,
+        num_records=num_records,
     )
 
 

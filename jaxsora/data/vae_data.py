@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from jaxsora.data import video
-from jaxsora.data.media import BadMediaError, decode_example
+from jaxsora.data.media import BadMediaError, decode_example, decode_example_window
 from jaxsora.data.pipeline import open_records
 
 BUCKET_FIELDS = ("frames", "height", "width", "videos", "images")
@@ -281,24 +281,24 @@ class VaeBatches(Iterator[dict[str, np.ndarray]]):
         return to_unit_range(np.stack(clips))
 
     def _video(self, b: Bucket, rng: np.random.Generator) -> np.ndarray:
-        frames = self._draw(rng)
-        window = frames[temporal_window(frames.shape[0], b.frames, rng)]
+        window = self._draw(rng, lambda n: temporal_window(n, b.frames, rng))
         return random_resized_crop(window, b.height, b.width, rng, self.max_scale)
 
     def _image(self, b: Bucket, rng: np.random.Generator) -> np.ndarray:
-        frames = self._draw(rng)  # a still, or one frame of a clip
-        t = int(rng.integers(0, frames.shape[0]))
-        return random_resized_crop(frames[t : t + 1], b.height, b.width, rng, self.max_scale)
+        # A still, or one frame of a clip.
+        frame = self._draw(rng, lambda n: np.asarray([int(rng.integers(0, n))]))
+        return random_resized_crop(frame, b.height, b.width, rng, self.max_scale)
 
-    def _draw(self, rng: np.random.Generator) -> np.ndarray:
-        """Decoded uint8 frames of a random record; bad ones are skipped (another is drawn from
-        the same generator, so the replacement is deterministic too)."""
+    def _draw(self, rng: np.random.Generator, window) -> np.ndarray:
+        """The frames `window(num_frames)` picks from a random record, decoded only around them
+        (a long clip is never held whole); bad records are skipped (another is drawn from the
+        same generator, so the replacement is deterministic too)."""
         while True:
             shard = self.shards[int(rng.choice(len(self.shards), p=self._probs))]
             index = int(rng.integers(0, shard.size))
             self.read += 1
             try:
-                return decode_example(shard[index])
+                return decode_example_window(shard[index], window)
             except BadMediaError as e:
                 self.skipped += 1
                 logging.warning("skipping %s record %d: %s", shard.name, shard.start + index, e)

@@ -17,7 +17,9 @@ import numpy as np
 from PIL import Image
 
 
-def sample_window(num_frames: int, max_frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
+def sample_window(
+    num_frames: int, max_frames: int, stride: int, rng: np.random.Generator
+) -> np.ndarray:
     """Frame indices of a random window of at most `max_frames` frames taken every `stride`."""
     span = (max_frames - 1) * stride + 1
     if num_frames <= span:
@@ -43,7 +45,9 @@ def fit_grid(
     h = max(1, math.floor(math.sqrt(per_frame / aspect)))
     w = max(1, math.floor(h * aspect))
     while h * w > per_frame and (h > 1 or w > 1):  # rounding can overshoot by a patch
-        if w >= h * aspect and w > 1:
+        # A side never shrinks below one patch: a frame far wider than tall (say 1 x 1000 px)
+        # shrinks its width once its height is down to one patch.
+        if (w >= h * aspect or h == 1) and w > 1:
             w -= 1
         else:
             h -= 1
@@ -64,7 +68,9 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     out = np.empty((frames.shape[0], height, width, frames.shape[3]), np.uint8)
     for i, frame in enumerate(frames):
         out[i] = np.asarray(
-            Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC, reducing_gap=None)
+            Image.fromarray(frame).resize(
+                (width, height), Image.Resampling.BICUBIC, reducing_gap=None
+            )
         )
     return out
 
@@ -84,16 +90,27 @@ def patchify(video: np.ndarray, patch: tuple[int, int, int]) -> tuple[np.ndarray
     patches = einops.rearrange(
         video, "(t pt) (h ph) (w pw) c -> (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw
     )
-    grid = np.stack(np.meshgrid(np.arange(T // pt), np.arange(H // ph), np.arange(W // pw), indexing="ij"), -1)
+    grid = np.stack(
+        np.meshgrid(np.arange(T // pt), np.arange(H // ph), np.arange(W // pw), indexing="ij"), -1
+    )
     return patches.astype(np.float32), grid.reshape(-1, 3).astype(np.int32)
 
 
-def unpatchify(patches: np.ndarray, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> np.ndarray:
+def unpatchify(
+    patches: np.ndarray, grid: tuple[int, int, int], patch: tuple[int, int, int]
+) -> np.ndarray:
     """Inverse of `patchify` for one example: [N, pt*ph*pw*C] -> [T, H, W, C]."""
     pt, ph, pw = patch
     t, h, w = grid
     return einops.rearrange(
-        patches, "(t h w) (pt ph pw c) -> (t pt) (h ph) (w pw) c", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw
+        patches,
+        "(t h w) (pt ph pw c) -> (t pt) (h ph) (w pw) c",
+        t=t,
+        h=h,
+        w=w,
+        pt=pt,
+        ph=ph,
+        pw=pw,
     )
 
 
@@ -108,7 +125,9 @@ def frames_to_grid(
     result's sides are multiples of it.
     """
     pt, ph, pw = patch_pixels
-    t, h, w = fit_grid(frames.shape[0], frames.shape[1], frames.shape[2], patch_pixels, token_budget)
+    t, h, w = fit_grid(
+        frames.shape[0], frames.shape[1], frames.shape[2], patch_pixels, token_budget
+    )
     frames = select_frames(frames, min(frames.shape[0], t * pt))
     if frames.shape[0] < t * pt:  # fewer frames than one temporal patch: repeat the last one
         frames = np.concatenate([frames, np.repeat(frames[-1:], t * pt - frames.shape[0], 0)])
