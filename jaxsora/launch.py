@@ -5,9 +5,12 @@
 
 Each process gets the environment that `jaxsora.distributed.initialize` reads, so the command is
 exactly the one a real pod runs on every host. Output lines are prefixed with the process index.
-SIGTERM or SIGINT to the launcher is forwarded to every process (a pod-wide preemption). When a
-process fails, the others get the heartbeat timeout to notice and stop by themselves, then are
-killed; the launcher exits with the first failure's code.
+SIGTERM, SIGHUP or Ctrl-C (SIGINT) to the launcher reaches every process as SIGTERM, a pod-wide
+preemption: all save the same step and exit 0. The processes run in their own session, so a
+terminal's Ctrl-C reaches the launcher alone, not each process besides; a second Ctrl-C kills
+them at once (the steps since the last checkpoint are lost). When a process fails, the others get
+the heartbeat timeout to notice and stop by themselves, then are killed; the launcher exits with
+the first failure's code.
 """
 
 from __future__ import annotations
@@ -48,6 +51,37 @@ def _relay(prefix: str, stream) -> None:
         sys.stdout.flush()
 
 
+def _forward_signals(children: list[subprocess.Popen]) -> None:
+    """Every stop request becomes SIGTERM to every process: JAX's preemption service listens for
+    SIGTERM and has all of them save the same step. A second Ctrl-C kills them."""
+    interrupts = 0
+
+    def send(signum: int) -> None:
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    def on_stop(signum, frame):
+        del frame
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+        if interrupts > 1:
+            print("launch: second Ctrl-C: killing every process", file=sys.stderr, flush=True)
+            send(signal.SIGKILL)
+            return
+        print(
+            f"launch: {signal.Signals(signum).name}: every process saves a checkpoint and stops "
+            "(Ctrl-C again kills them at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        send(signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_stop)
+
+
 def launch(
     command: list[str],
     processes: int,
@@ -56,21 +90,21 @@ def launch(
     port: int | None = None,
 ) -> int:
     port = port or free_port()
-    children = []
+    children: list[subprocess.Popen] = []
+    _forward_signals(children)  # before any start: no moment where Ctrl-C would orphan them
     for i in range(processes):
         env = process_env(port, processes, i, devices_per_process, heartbeat_timeout)
-        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # A session of its own: the terminal's Ctrl-C (sent to the whole foreground process
+        # group) must not reach the processes besides the SIGTERM forwarded below.
+        child = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         threading.Thread(target=_relay, args=(f"[p{i}] ", child.stdout), daemon=True).start()
         children.append(child)
-
-    def forward(signum, frame):
-        del frame
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
 
     first_failure, deadline = 0, None
     while any(c.poll() is None for c in children):

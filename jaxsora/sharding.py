@@ -16,12 +16,15 @@ Legend of logical axes (config `sharding_rules`, each maps to a mesh axis or Non
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -89,26 +92,143 @@ def logical_to_mesh(
     return PartitionSpec(*out)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
+@dataclasses.dataclass(frozen=True)
+class Replicated:
+    """A weight dimension that its mesh axes do not divide, so it is kept whole on each device."""
+
+    path: str  # e.g. model/blocks/0/ada/kernel
+    shape: tuple[int, ...]
+    dim: int
+    logical: str  # the dimension's logical name, e.g. embed
+    axes: tuple[str, ...]  # the mesh axes the rules map it to
+    size: int  # their product, which does not divide shape[dim]
+    nbytes: int  # of the whole array
+
+    def __str__(self) -> str:
+        axes = "x".join(self.axes)
+        return (
+            f"{self.path} {self.shape}: dim {self.dim} ({self.logical}={self.shape[self.dim]}) "
+            f"over {axes}={self.size}"
+        )
+
+
+def _axis_names(axes) -> tuple[str, ...]:
+    return axes if isinstance(axes, tuple) else ((axes,) if axes else ())
+
+
+def fit_to_mesh(
+    shape: Sequence[int], pspec: PartitionSpec, mesh_sizes: dict[str, int]
+) -> tuple[PartitionSpec, list[int]]:
+    """`pspec` with every dimension its mesh axes do not divide unsharded, and those dims."""
+    fixed, dropped = [], []
+    for i, (dim, axes) in enumerate(
+        zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec)), strict=False)
+    ):
+        size = math.prod(mesh_sizes[a] for a in _axis_names(axes))
+        fixed.append(axes if dim % size == 0 else None)
+        if dim % size:
+            dropped.append(i)
+    return PartitionSpec(*fixed), dropped
+
+
+def plan_state_shardings(
+    state: nnx.State, mesh_sizes: dict[str, int], rules
+) -> tuple[nnx.State, list[Replicated]]:
+    """PartitionSpecs for a state from its weights' logical annotations, given the mesh's axis
+    sizes alone (no devices: testable for any pod), and the dimensions left unsharded."""
+    specs = nnx.get_partition_spec(state)
+    replicated: list[Replicated] = []
+
+    def to_spec(path, spec, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        logical = tuple(spec) if spec is not None else ()
+        pspec = logical_to_mesh(logical, rules)
+        fixed, dropped = fit_to_mesh(shape, pspec, mesh_sizes)
+        for i in dropped:
+            axes = _axis_names(pspec[i])
+            replicated.append(
+                Replicated(
+                    path=_path_name(path),
+                    shape=shape,
+                    dim=i,
+                    logical=str(logical[i]),
+                    axes=axes,
+                    size=math.prod(mesh_sizes[a] for a in axes),
+                    nbytes=math.prod(shape) * np.dtype(leaf.dtype).itemsize,
+                )
+            )
+        return fixed
+
+    return jax.tree_util.tree_map_with_path(to_spec, specs, state), replicated
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
+            parts.append(k.name)
+    return "/".join(parts)
+
+
+def replication_report(
+    replicated: Sequence[Replicated], mesh_sizes: dict[str, int], shown: int = 12
+) -> str:
+    """One summary of the unsharded dimensions: the model's weights (their EMA and optimizer
+    copies are counted, not listed), and how much memory stays replicated."""
+    arrays = {r.path: r.nbytes for r in replicated}
+    listed = [r for r in replicated if r.path.startswith("model/")] or list(replicated)
+    lines = [f"  {r}" for r in listed[:shown]]
+    if len(listed) > shown:
+        lines.append(f"  ... and {len(listed) - shown} more")
+    causes = collections.Counter(
+        f"{r.logical}={r.shape[r.dim]} over {'x'.join(r.axes)}={r.size}" for r in listed
+    )
+    mesh = {a: n for a, n in mesh_sizes.items() if n > 1}
+    return (
+        f"{len(arrays)} arrays of the training state ({sum(arrays.values()) / 2**20:.1f} MiB, "
+        f"with the EMA and optimizer copies) keep a dimension whole on every device, because "
+        f"mesh {mesh} does not divide it as sharding_rules ask ("
+        + ", ".join(f"{c}: {n} weights" for c, n in causes.items())
+        + "):\n"
+        + "\n".join(lines)
+    )
+
+
+def check_replication(
+    replicated: Sequence[Replicated], mesh_sizes: dict[str, int], strict: bool
+) -> None:
+    """Logs the replicated weights once; with `strict`, they are an error."""
+    if not replicated:
+        return
+    report = replication_report(replicated, mesh_sizes)
+    fix = (
+        "Fix: choose mesh sizes (config mesh) that divide these dimensions, or map their logical "
+        "axes to other mesh axes in config sharding_rules"
+    )
+    if strict:
+        raise ValueError(
+            f"bad config: strict_sharding=True and {report}\n{fix}, or set "
+            "strict_sharding=False to accept the replication"
+        )
+    logging.warning("sharding: %s\n%s (strict_sharding=True makes this an error)", report, fix)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules, strict: bool = False) -> nnx.State:
     """NamedShardings for a model/optimizer state from its weights' logical annotations.
 
-    A dimension whose size the mesh axes do not divide is left unsharded rather than failing.
+    A dimension whose size the mesh axes do not divide is left unsharded: logged (it costs the
+    memory sharding was meant to save), or an error with `strict`.
     """
-    specs = nnx.get_partition_spec(state)
-
-    def to_sharding(spec, leaf):
-        shape = getattr(leaf, "shape", ())
-        pspec = logical_to_mesh(tuple(spec) if spec is not None else (), rules)
-        fixed = []
-        for dim, axes in zip(
-            shape, tuple(pspec) + (None,) * (len(shape) - len(pspec)), strict=False
-        ):
-            names = axes if isinstance(axes, tuple) else ((axes,) if axes else ())
-            size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-            fixed.append(axes if dim % size == 0 else None)
-        return NamedSharding(mesh, PartitionSpec(*fixed))
-
-    return jax.tree.map(to_sharding, specs, state)
+    mesh_sizes = dict(mesh.shape)
+    specs, replicated = plan_state_shardings(state, mesh_sizes, rules)
+    check_replication(replicated, mesh_sizes, strict)
+    return jax.tree.map(
+        lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
@@ -117,9 +237,50 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh, rules) -> int:
-    axes = logical_to_mesh(("batch",), rules)[0]
-    names = axes if isinstance(axes, tuple) else ((axes,) if axes else ())
-    return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_axes(rules) -> tuple[str, ...]:
+    return _axis_names(logical_to_mesh(("batch",), rules)[0])
+
+
+def check_batch_spans_processes(mesh: Mesh, rules) -> None:
+    """Each process feeds its own packs (`to_global`), so each batch shard must live on the
+    devices of one process, and every process must hold as many shards."""
+    process_of = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    error = batch_split_error(process_of, mesh.axis_names, batch_axes(rules))
+    if error:
+        raise ValueError(
+            f"bad config: mesh {dict(mesh.shape)} with sharding_rules batch -> "
+            f"{batch_axes(rules) or None}: {error}, so processes would feed the same batch "
+            "shard. Fix: make the data-parallel axes (mesh.data x mesh.fsdp by default) a "
+            f"multiple of the {jax.process_count()} processes, e.g. mesh.data="
+            f"{jax.process_count()}, and keep sharding_rules' batch on them"
+        )
+
+
+def batch_split_error(
+    process_of: np.ndarray, axis_names: Sequence[str], batch: Sequence[str]
+) -> str | None:
+    """Why the batch axes do not split the batch between processes, or None when they do.
+
+    `process_of` is mesh-shaped: the process of each device.
+    """
+    batch_dims = [axis_names.index(a) for a in batch]
+    rest = [i for i in range(len(axis_names)) if i not in batch_dims]
+    n_shards = math.prod(process_of.shape[i] for i in batch_dims)
+    by_shard = process_of.transpose(batch_dims + rest).reshape(n_shards, -1)
+    processes = np.unique(process_of)
+    for shard, owners in enumerate(by_shard):
+        if len(set(owners.tolist())) > 1:
+            return (
+                f"batch shard {shard} of {n_shards} sits on devices of processes "
+                f"{sorted(set(owners.tolist()))}"
+            )
+    counts = {int(p): int((by_shard[:, 0] == p).sum()) for p in processes}
+    if len(set(counts.values())) > 1:
+        return f"processes hold unequal numbers of the {n_shards} batch shards ({counts})"
+    return None
 
 
 _ACTIVE: list[tuple[Mesh, tuple]] = []  # (mesh, rules) while a step is traced
@@ -148,10 +309,5 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    spec = logical_to_mesh(names, rules)
-    fixed = []
-    for dim, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec)), strict=False):
-        axis_names = axes if isinstance(axes, tuple) else ((axes,) if axes else ())
-        size = int(np.prod([mesh.shape[a] for a in axis_names])) if axis_names else 1
-        fixed.append(axes if dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fixed)))
+    spec, _ = fit_to_mesh(x.shape, logical_to_mesh(names, rules), dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

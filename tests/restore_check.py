@@ -25,7 +25,7 @@ def restore(workdir: str, devices: int) -> tuple[dict[str, np.ndarray], int]:
     config.mesh = dict(data=1, fsdp=devices, context=1, tensor=1)
     mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:devices])
     _, state = nnx.split(trainer.create_train_state(config, mesh, tuple(config.sharding_rules)))
-    restored = ckpt.restore(step, trainer.checkpoint_target(state), config.model.to_dict())
+    restored = ckpt.restore(step, trainer.checkpoint_target(state))
     ckpt.close()
     leaves = jax.tree_util.tree_leaves_with_path(restored["model"])
     biggest = max((x for _, x in leaves), key=lambda x: x.size)

@@ -83,3 +83,70 @@ def test_compile_time_of_16_layers_is_close_to_4_layers(data_dir):
     t4, t16 = compile_seconds(data_dir, 4), compile_seconds(data_dir, 16)
     # Unrolled, 16 layers compile about 4x longer; scanned, one block is compiled either way.
     assert t16 < 1.5 * t4 + 1.0, (t4, t16)
+
+
+def dit_state_shapes():
+    """The runlocal DiT's whole training state (model, EMA, optimizer), as shapes only."""
+    from jaxsora.training import make_optimizer
+
+    config = runlocal_config("unused")
+    cfg, tx = trainer.dit_config(config), make_optimizer(config.optim, config.total_steps)
+    return nnx.state(nnx.eval_shape(lambda: trainer.TrainState(trainer.make_model(cfg, 0), tx, 0)))
+
+
+def test_weights_a_pod_mesh_does_not_divide_are_reported_and_strict_makes_them_an_error(
+    monkeypatch,
+):
+    """width 32 over fsdp=3 cannot be split: those weights would be whole on every device."""
+    state, rules = dit_state_shapes(), sharding.DEFAULT_RULES
+    fits = dict(data=1, fsdp=4, context=1, tensor=2)
+    specs, replicated = sharding.plan_state_shardings(state, fits, rules)
+    assert replicated == []
+    assert specs["model"]["blocks"][0]["ada"]["kernel"] == jax.sharding.PartitionSpec(
+        "fsdp", "tensor"
+    )
+
+    pod = dict(data=1, fsdp=3, context=1, tensor=2)
+    specs, replicated = sharding.plan_state_shardings(state, pod, rules)
+    ada = [r for r in replicated if r.path == "model/blocks/0/ada/kernel"]
+    assert [(r.shape, r.dim, r.logical, r.axes, r.size) for r in ada] == [
+        ((32, 192), 0, "embed", ("fsdp",), 3)
+    ]
+    # The dimension is dropped from the spec; the one the mesh divides stays sharded.
+    assert specs["model"]["blocks"][0]["ada"]["kernel"] == jax.sharding.PartitionSpec(
+        None, "tensor"
+    )
+    assert {r.path.split("/")[0] for r in replicated} == {"model", "ema", "optimizer"}
+
+    warnings = []
+    monkeypatch.setattr(sharding.logging, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+    sharding.check_replication(replicated, pod, strict=False)
+    assert len(warnings) == 1  # once, summarised
+    assert "model/blocks/0/ada/kernel (32, 192): dim 0 (embed=32) over fsdp=3" in warnings[0]
+    assert "embed=32 over fsdp=3" in warnings[0] and "strict_sharding" in warnings[0]
+    with pytest.raises(ValueError, match=r"strict_sharding=True(.|\n)*ada/kernel(.|\n)*Fix"):
+        sharding.check_replication(replicated, pod, strict=True)
+
+
+def test_the_batch_axes_must_split_the_batch_between_processes():
+    """Each process feeds its own packs: a batch shard held by two processes would get both."""
+    axes, batch = sharding.MESH_AXES, ("data", "fsdp")
+    two_by_two = np.arange(4) // 2  # 2 processes x 2 devices, in device order
+
+    # data=2: shard 0 on process 0, shard 1 on process 1.
+    assert sharding.batch_split_error(two_by_two.reshape(2, 1, 1, 2), axes, batch) is None
+    # data=1, tensor=4: one batch shard, fed by both processes.
+    error = sharding.batch_split_error(two_by_two.reshape(1, 1, 1, 4), axes, batch)
+    assert "batch shard 0 of 1 sits on devices of processes [0, 1]" in error
+    # data=2, tensor=2, but the rules put the batch on tensor: tensor rows cross processes.
+    assert "processes [0, 1]" in sharding.batch_split_error(
+        two_by_two.reshape(2, 1, 1, 2), axes, ("tensor",)
+    )
+    # 4 processes, data=2 (each batch shard on 2 processes).
+    four = np.arange(4).reshape(2, 1, 1, 2)
+    assert "processes [0, 1]" in sharding.batch_split_error(four, axes, batch)
+    # Every shard on one process, but process 0 would feed twice as many packs.
+    uneven = np.array([0, 0, 1, 2]).reshape(4, 1, 1, 1)
+    assert "unequal" in sharding.batch_split_error(uneven, axes, batch)
+    # The check on this process's real mesh passes (one process).
+    sharding.check_batch_spans_processes(sharding.make_mesh(dict(data=-1)), sharding.DEFAULT_RULES)

@@ -286,3 +286,33 @@ def test_the_adversarial_flag_trains_a_discriminator_beside_the_vae(data_dir):
     # (The head's bias may stay put: with every logit inside the hinge margin its gradient is
     # mean(-1 over reals) + mean(+1 over fakes) = 0.)
     assert kernels and all(kernels), changed
+
+
+def test_the_vae_export_is_atomic_and_a_partial_one_counts_as_absent(model, tmp_path, monkeypatch):
+    """A crash mid-export once left a `vae/` that every rerun took for a finished export."""
+    from jaxsora import train_vae
+    from jaxsora.export import CONFIG_FILE, load_vae_dir
+
+    workdir = str(tmp_path)
+    real_save = train_vae.save_vae_dir
+
+    def crash_after_the_weights(model, stats, directory, **kw):
+        real_save(model, stats, directory, **kw)
+        os.remove(os.path.join(directory, CONFIG_FILE))  # killed before the JSON was written
+        raise OSError("planted crash mid-export")
+
+    monkeypatch.setattr(train_vae, "save_vae_dir", crash_after_the_weights)
+    with pytest.raises(OSError, match="planted"):
+        train_vae.export_vae(model, ([0.0] * 4, [1.0] * 4), workdir)
+    assert not os.path.exists(os.path.join(workdir, "vae"))  # nothing a loader could take
+    assert not train_vae._exported(workdir)
+    monkeypatch.undo()
+    os.makedirs(os.path.join(workdir, "vae", "params"))  # an older version's partial export
+    assert not train_vae._exported(workdir)
+
+    for mean in (0.5, 0.25):  # the rerun exports; a later one (more training) replaces it
+        train_vae.export_vae(model, ([mean] * 4, [1.0] * 4), workdir)
+        assert train_vae._exported(workdir)
+        _, latents_mean, _ = load_vae_dir(os.path.join(workdir, "vae"))
+        assert list(latents_mean) == [mean] * 4
+    assert sorted(os.listdir(workdir)) == ["vae"]  # no partial or replaced copy is left
