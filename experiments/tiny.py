@@ -33,10 +33,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 25
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
+    # A damaged latest checkpoint gives way to the previous one (one warning; it moves to
+    # checkpoints/corrupt/); True stops with an error instead (jaxsora/checkpointing.py).
+    c.stop_on_damaged_checkpoint = False
+    # Resuming with other optim.*, total_steps, batch_size or loss settings than the
+    # checkpoint's is refused unless True (then logged); jaxsora/resume.py has the table.
+    c.allow_schedule_change = False
     c.peak_flops_per_device = 0.0  # 0: measure a large matmul at start-up and use that
 
     c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
     c.sharding_rules = DEFAULT_RULES
+    # A weight dimension the mesh does not divide is kept whole on every device (logged); True
+    # makes that an error, as a pod run wants (fsdp that saves no memory is a config bug).
+    c.strict_sharding = False
 
     c.model = ml_collections.ConfigDict()
     c.model.compression = "pixels"  # the stage between pixels and patches (jaxsora/compression.py)
@@ -73,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.buffer_size = 64  # examples the packer sees at once
     c.data.max_bad_fraction = 0.05  # error budget for undecodable media
     c.data.token_drop_rate = 0.0  # NaViT token dropping: up to this fraction per example
+    # Batches decoded and packed ahead of the step in a background thread (0 = off). The
+    # batches and the checkpointed iterator state are the same at any depth.
+    c.data.prefetch = 2
 
     c.flow = ml_collections.ConfigDict()
     c.flow.time_mean = 0.0  # logit-normal time sampling

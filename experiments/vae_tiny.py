@@ -24,6 +24,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 25
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
+    # A damaged latest checkpoint gives way to the previous one (one warning; it moves to
+    # checkpoints/corrupt/); True stops with an error instead (jaxsora/checkpointing.py).
+    c.stop_on_damaged_checkpoint = False
+    # Resuming with other optim.*, total_steps, batch_size or loss settings than the
+    # checkpoint's is refused unless True (then logged); jaxsora/resume.py has the table.
+    c.allow_schedule_change = False
     c.latent_stats_batches = 8  # batches whose posterior means give the per-channel statistics
 
     c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)
@@ -54,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ]
     c.data.max_bad_fraction = 0.05
     c.data.max_scale = 1.0
+    c.data.prefetch = 2  # batches decoded ahead of the step in a background thread; 0 = off
 
     c.loss = ml_collections.ConfigDict()
     c.loss.l1 = 1.0

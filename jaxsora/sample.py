@@ -4,6 +4,13 @@
         background" --frames 8 --height 32 --width 56 --out runs/default/samples/clip
     python -m jaxsora.sample --workdir runs/default --requests experiments/samples_tiny.jsonl
 
+A requests file holds one JSON object per line: prompt, frames, height, width (whole numbers),
+and optionally name and seed (see experiments/samples_tiny.jsonl). Outputs go to
+`--out_dir/<name>.{mp4,gif,png}`; a name may hold subfolders (`cats/01`) but not leave --out_dir
+(no absolute path, no `..`), two requests may not share a name, and an unnamed request is named
+after its line (`line007`). Any mistake is an error naming the file and the line, raised before
+the model is loaded.
+
 Each request becomes one segment of noise patches arranged in its own T x H x W grid; requests of
 different sizes are packed together, and every segment follows its own resolution-shifted time
 schedule. Classifier-free guidance runs the conditional and unconditional passes as one batch.
@@ -17,6 +24,7 @@ of 8 * patch, and the generated latents are decoded by the VAE in `model.vae_dir
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from collections.abc import Callable
@@ -33,11 +41,11 @@ from jaxsora import training
 from jaxsora.checkpointing import Checkpointer
 from jaxsora.compression import Stage, make_stage
 from jaxsora.data import packing, video
-from jaxsora.data.media import write_video_outputs
+from jaxsora.data.media import output_stem, write_video_outputs
 from jaxsora.diffusion import flow
 from jaxsora.distributed import PreemptionWatch
 from jaxsora.models.dit import DiT
-from jaxsora.models.tokenizer import tokenize
+from jaxsora.models.tokenizer import caption_words, tokenize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,44 +180,137 @@ def euler_step(model: DiT, batch: dict, x, t_BS, t_next_BS, guidance: float) -> 
 
 
 def load_run(workdir: str, use_ema: bool = True) -> tuple[DiT, ml_collections.ConfigDict]:
-    """The model of the latest checkpoint in `workdir` (EMA weights by default) and its config."""
-    ckpt = Checkpointer(workdir)
-    step = ckpt.latest_step()
-    if step is None:
+    """The model of the latest checkpoint in `workdir` that loads (EMA weights by default) and
+    its config. A damaged step gives way to the previous one with a warning; the sampler never
+    moves or writes anything in the run's directory (it may be training)."""
+    ckpt = Checkpointer(workdir, read_only=True)
+    built = {}
+
+    def target(saved: dict):
+        """The abstract state the step's own config builds, on one device."""
+        config = ml_collections.ConfigDict(saved)
+        cfg = trainer.dit_config(config)
+        tx = training.make_optimizer(config.optim, config.total_steps)
+        abstract = nnx.eval_shape(
+            lambda: trainer.TrainState(trainer.make_model(cfg, config.seed), tx, config.seed)
+        )
+        graphdef, abstract_state = nnx.split(abstract)
+        built.update(config=config, graphdef=graphdef, state=abstract_state)  # the last is used
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            abstract_state.to_pure_dict(),
+        )
+
+    resumed = ckpt.restore_latest(target)
+    ckpt.close()
+    if resumed is None:
         raise FileNotFoundError(
             f"no checkpoint in {ckpt.directory}; train first with "
             f"`python -m jaxsora.train --config ... --workdir {workdir}`"
         )
-    config = ml_collections.ConfigDict(ckpt.saved_config(step))
-    cfg = trainer.dit_config(config)
-    tx = training.make_optimizer(config.optim, config.total_steps)
-    abstract = nnx.eval_shape(
-        lambda: trainer.TrainState(trainer.make_model(cfg, config.seed), tx, config.seed)
-    )
-    graphdef, abstract_state = nnx.split(abstract)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        abstract_state.to_pure_dict(),
-    )
-    restored = ckpt.restore(step, target, config.model.to_dict())
-    ckpt.close()
-    nnx.replace_by_pure_dict(abstract_state, restored)
-    state = nnx.merge(graphdef, abstract_state)
+    step, restored = resumed
+    nnx.replace_by_pure_dict(built["state"], restored)
+    state = nnx.merge(built["graphdef"], built["state"])
     logging.info("loaded %s weights from step %d of %s", "EMA" if use_ema else "raw", step, workdir)
-    return (state.ema if use_ema else state.model), config
+    return (state.ema if use_ema else state.model), built["config"]
+
+
+# --------------------------------------------------------------------------------- requests file
+
+REQUEST_EXAMPLE = '{"prompt": "a red circle", "frames": 4, "height": 32, "width": 32, "name": "c"}'
+_REQUIRED = ("prompt", "frames", "height", "width")
+_FIELDS = tuple(f.name for f in dataclasses.fields(Request))
 
 
 def read_requests(path: str) -> list[Request]:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    try:
-        return [Request(**row) for row in rows]
-    except TypeError as e:
+    """One request per non-blank line of a JSON-lines file; any error names the file and line.
+
+    A request without a name is named after its line (`line007`), so none overwrites another.
+    """
+    requests, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{where}: not valid JSON ({e.msg} at column {e.colno}); write one JSON "
+                    f"object per line, e.g. {REQUEST_EXAMPLE}"
+                ) from e
+            requests.append(parse_request(row, where, default_name=f"line{lineno:03d}"))
+            lines.append(lineno)
+    if not requests:
+        raise ValueError(f"{path} holds no requests; write one per line, e.g. {REQUEST_EXAMPLE}")
+    check_unique_outputs(requests, lines, path)
+    return requests
+
+
+def parse_request(row, where: str, default_name: str) -> Request:
+    """A decoded JSON line -> Request, refusing unknown keys and values of the wrong type."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a request is a JSON object, e.g. {REQUEST_EXAMPLE}")
+    unknown = sorted(set(row) - set(_FIELDS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], _FIELDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; {hint}the keys are {_FIELDS}")
+    missing = [k for k in _REQUIRED if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}; every request needs {_REQUIRED}")
+    if not isinstance(row["prompt"], str):
+        raise ValueError(f"{where}: prompt={row['prompt']!r} must be a string")
+    for key, low in (("frames", 1), ("height", 1), ("width", 1), ("seed", 0)):
+        value = row.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(
+                f"{where}: {key}={value!r} must be a whole number >= {low}, written without "
+                'quotes or a decimal point (e.g. "frames": 4)'
+            )
+    name = row.get("name", default_name)
+    check_name(name, where)
+    request = Request(**{**row, "name": name})
+    warn_if_wordless(request, where)
+    return request
+
+
+def check_name(name, where: str) -> None:
+    """A name is a path relative to --out_dir: subfolders (`cats/01`) are allowed, leaving the
+    folder is not, so one requests file cannot write over files elsewhere."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(p in ("", ".", "..") or "\0" in p for p in parts):
         raise ValueError(
-            f"{path}: each line needs prompt, frames, height, width and optionally "
-            f"name and seed ({e})"
-        ) from e
+            f"{where}: name={name!r} must be a relative path inside --out_dir: no leading '/', "
+            "no '..', '.' or empty parts (subfolders like 'cats/01' are fine)"
+        )
+
+
+def check_unique_outputs(requests: list[Request], lines: list[int], path: str) -> None:
+    """Two requests writing the same files would leave one of them: refuse, naming both lines."""
+    first_line: dict[str, int] = {}
+    for r, lineno in zip(requests, lines, strict=True):
+        stem = output_stem(r.name)
+        if stem in first_line:
+            raise ValueError(
+                f"{path}:{first_line[stem]} and {path}:{lineno} both write {stem!r} (.mp4, .gif, "
+                ".png); give each request its own name"
+            )
+        first_line[stem] = lineno
+
+
+def warn_if_wordless(request: Request, where: str) -> None:
+    """A prompt with no letter or digit is read as the empty caption: unconditional samples."""
+    if not caption_words(request.prompt):
+        logging.warning(
+            "%s: request %r: prompt %r has no words the tokenizer reads (letters or digits); it "
+            "is sampled as the empty, unconditional prompt",
+            where,
+            request.name,
+            request.prompt,
+        )
 
 
 def main(argv):
@@ -224,6 +325,7 @@ def main(argv):
         outs = [os.path.join(out_dir, r.name) for r in requests]
     elif FLAGS.prompt:
         requests = [Request(FLAGS.prompt, FLAGS.frames, FLAGS.height, FLAGS.width, seed=FLAGS.seed)]
+        warn_if_wordless(requests[0], "--prompt")
         outs = [FLAGS.out or os.path.join(FLAGS.workdir, "samples", "sample")]
     else:
         raise app.UsageError("give --prompt (one request) or --requests FILE.jsonl")
@@ -259,7 +361,9 @@ def define_flags() -> None:
         "out", None, "Output path (stem) of the single request: writes .mp4 .gif .png"
     )
     flags.DEFINE_string("requests", None, "JSON-lines file of requests, all generated in one pass.")
-    flags.DEFINE_string("out_dir", None, "Where --requests outputs go (default WORKDIR/samples).")
+    flags.DEFINE_string(
+        "out_dir", None, "Where --requests outputs go: <out_dir>/<name> (default WORKDIR/samples)"
+    )
     flags.DEFINE_integer("steps", None, "Euler steps (default: the run's config.sample.steps).")
     flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default from config).")
     flags.DEFINE_integer("seed", 0, "Noise seed of the single request.")

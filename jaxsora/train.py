@@ -22,10 +22,10 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxsora import flops, sharding
-from jaxsora.checkpointing import Checkpointer, abstract_like
+from jaxsora import config_checks, flops, sharding
+from jaxsora.checkpointing import Checkpointer, abstract_like, resume_check
 from jaxsora.compression import make_stage
-from jaxsora.data import pipeline
+from jaxsora.data import pipeline, prefetch
 from jaxsora.diffusion import flow
 from jaxsora.distributed import PreemptionWatch, initialize
 from jaxsora.metrics import MetricsWriter
@@ -34,7 +34,7 @@ from jaxsora.models.dit import DiT, DiTConfig, make_model
 from jaxsora.models.tokenizer import START_ID
 from jaxsora.training import (
     RunVar,
-    check_finite,
+    check_finite_or_wait,
     make_optimizer,
     memory_summary,
     quiet_orbax_info_logs,
@@ -78,43 +78,82 @@ def accum_steps(config: ml_collections.ConfigDict) -> int:
     return config.optim.get("accum_steps", 1)
 
 
+# Every field the DiT trainer reads and the values it accepts. Checked before the relations in
+# validate(), so num_heads=0 is reported as such, not as a division by zero.
+DIT_CHECKS = (
+    *config_checks.RUN_CHECKS,
+    config_checks.integer("batch_size", 1, why="packs per optimizer step, over all processes"),
+    config_checks.number("peak_flops_per_device", 0.0, why="0 = measure it", optional=True),
+    config_checks.integers("model.patch", 1, length=3, why="(p_t, p_h, p_w)"),
+    config_checks.integer("model.width", 1),
+    config_checks.integer("model.depth", 1),
+    config_checks.integer("model.num_heads", 1),
+    config_checks.number("model.mlp_ratio", 0.0, open_low=True),
+    config_checks.integer("model.text_vocab", 3, why="ids 0 and 1 are padding and start"),
+    config_checks.integer("model.text_len", 1, why="the start token, then text_len - 1 words"),
+    config_checks.integer("model.text_width", 1),
+    config_checks.integer("model.text_depth", 0),
+    config_checks.integer("model.text_heads", 1),
+    config_checks.number("model.rope_theta", 0.0, open_low=True, optional=True),
+    config_checks.one_of("model.dtype", ("float32", "bfloat16")),
+    config_checks.one_of("model.attention", attention_backends.BACKENDS),
+    config_checks.boolean("model.scan_layers", optional=True),
+    config_checks.integer("data.seq_len", 1),
+    config_checks.integer("data.max_segments", 1),
+    config_checks.integer("data.min_tokens", 1),
+    config_checks.integer("data.max_tokens", 1),
+    config_checks.integer("data.max_frames", 1, why="0 would train on empty clips"),
+    config_checks.integer("data.frame_stride", 1),
+    config_checks.integer("data.buffer_size", 1, why="examples the packer chooses from"),
+    config_checks.number("data.max_bad_fraction", 0.0, 1.0, why="the share of media that may fail"),
+    config_checks.number("data.token_drop_rate", 0.0, 1.0, optional=True),
+    config_checks.integer("data.prefetch", 0, why="batches made ahead; 0 = off", optional=True),
+    config_checks.number("flow.time_std", 0.0, open_low=True),
+    config_checks.integer("flow.base_tokens", 1),
+    config_checks.one_of("flow.loss_weighting", ("segment", "token")),
+    config_checks.number("flow.caption_dropout", 0.0, 1.0),
+    *config_checks.OPTIM_CHECKS,
+    config_checks.integer("optim.accum_steps", 1, optional=True),
+    config_checks.integer("sample.steps", 1),
+    config_checks.integer("sample.seq_len", 1),
+)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Errors a user can cause, raised before anything is compiled."""
+    config_checks.check_fields(config, DIT_CHECKS)
+    config_checks.check_sources(config.data.sources)
     d, m = config.data, config.model
     checks = [
         (
             d.max_tokens <= d.seq_len,
-            "data.max_tokens must be <= data.seq_len (an example must fit in one pack)",
+            f"data.max_tokens={d.max_tokens} must be <= data.seq_len={d.seq_len} (an example "
+            "must fit in one pack)",
         ),
-        (1 <= d.min_tokens <= d.max_tokens, "data.min_tokens must be in [1, data.max_tokens]"),
-        (d.max_segments >= 1, "data.max_segments must be >= 1"),
-        (m.width % m.num_heads == 0, "model.width must be divisible by model.num_heads"),
-        ((m.width // m.num_heads) % 2 == 0, "model.width / model.num_heads must be even (RoPE)"),
-        (len(m.patch) == 3, "model.patch must be (p_t, p_h, p_w)"),
         (
-            config.flow.loss_weighting in ("segment", "token"),
-            "flow.loss_weighting must be 'segment' or 'token'",
+            d.min_tokens <= d.max_tokens,
+            f"data.min_tokens={d.min_tokens} must be <= data.max_tokens={d.max_tokens}",
         ),
-        (m.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
-        (config.batch_size >= 1, "batch_size must be >= 1"),
-        (0.0 <= config.flow.caption_dropout < 1.0, "flow.caption_dropout must be in [0, 1)"),
         (
-            m.attention in attention_backends.BACKENDS,
-            f"model.attention={m.attention!r} is not one of {attention_backends.BACKENDS}",
+            m.width % m.num_heads == 0,
+            f"model.width={m.width} must be divisible by model.num_heads={m.num_heads}",
+        ),
+        (
+            (m.width // m.num_heads) % 2 == 0,
+            f"model.width / model.num_heads = {m.width // m.num_heads} must be even (RoPE "
+            "rotates pairs of channels)",
+        ),
+        (
+            m.text_width % m.text_heads == 0,
+            f"model.text_width={m.text_width} must be divisible by model.text_heads={m.text_heads}",
+        ),
+        (
+            config.batch_size % accum_steps(config) == 0,
+            f"batch_size={config.batch_size} must be divisible by optim.accum_steps="
+            f"{accum_steps(config)} (batch_size is the packs per optimizer step, split into "
+            "accum_steps micro-batches)",
         ),
     ]
-    k = accum_steps(config)
-    if not (isinstance(k, int) and k >= 1):
-        checks.append((False, f"optim.accum_steps={k!r} must be an integer >= 1"))
-    elif config.batch_size % k:
-        checks.append(
-            (
-                False,
-                f"batch_size={config.batch_size} must be divisible by optim.accum_steps={k} "
-                "(batch_size is the packs per optimizer step, split into accum_steps "
-                "micro-batches)",
-            )
-        )
     for ok, message in checks:
         if not ok:
             raise ValueError(f"bad config: {message}")
@@ -129,7 +168,9 @@ def create_train_state(config, mesh, rules) -> TrainState:
     def init() -> TrainState:
         return TrainState(make_model(cfg, config.seed), tx, config.seed)
 
-    shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(init)), mesh, rules)
+    shardings = sharding.state_shardings(
+        nnx.state(nnx.eval_shape(init)), mesh, rules, strict=config.get("strict_sharding", False)
+    )
 
     @nnx.jit
     def init_sharded() -> TrainState:
@@ -287,6 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     # --------------------------------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = tuple(tuple(r) for r in config.sharding_rules)
+    sharding.check_batch_spans_processes(mesh, rules)
     dp = sharding.data_parallel_size(mesh, rules)
     if config.batch_size % (accum_steps(config) * dp):
         raise ValueError(
@@ -303,7 +345,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     )
 
     # ----------------------------------------------------------------------------- input pipeline
-    batches = pipeline.make_batches(config, stage)
+    batches = prefetch.from_config(pipeline.make_batches(config, stage), config)
 
     # ------------------------------------------------------------------------ model and optimizer
     graphdef, state = nnx.split(create_train_state(config, mesh, rules))
@@ -311,16 +353,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     logging.info("model: %.2fM parameters", n_params / 1e6)
 
     # --------------------------------------------------------------------------------- checkpoint
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:
-        t0 = time.perf_counter()
-        restored = ckpt.restore(start, checkpoint_target(state), config.model.to_dict(), batches)
+    # The newest step that loads; a damaged one gives way to the previous (jaxsora/checkpointing.py)
+    # and the saved config must agree with this one (the table in jaxsora/resume.py).
+    ckpt = Checkpointer.for_run(workdir, config)
+    t0 = time.perf_counter()
+    resumed = ckpt.restore_latest(checkpoint_target(state), batches, resume_check(config))
+    start = 0
+    if resumed is not None:
+        start, restored = resumed
         nnx.replace_by_pure_dict(state, restored)
         logging.info(
             "resumed from %s at step %d (%.1fs)", ckpt.directory, start, time.perf_counter() - t0
         )
-    start = start or 0
 
     # --------------------------------------------------------------------------------- step (AOT)
     step_fn = make_step_fn(graphdef, config, jax.tree.map(lambda x: x.sharding, state))
@@ -338,9 +382,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     logging.info("peak %.3g FLOP/s per device (%s)", peak, peak_source)
 
     # --------------------------------------------------------------------------------------- loop
-    writer = MetricsWriter(workdir, config.total_steps)
+    writer = MetricsWriter(workdir, config.total_steps, resumed_at=start)
     preemption = PreemptionWatch(distributed)
     interval = _Interval(dit_config(config))
+    finite = functools.partial(check_finite_or_wait, ckpt)
     last: dict = {}
     pending = None  # metrics of the step in flight: read one step late so the host never waits
     end = min(config.total_steps, config.stop_after or config.total_steps)
@@ -349,23 +394,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
         interval.add_batch(batch)
         state, metrics = compiled(state, pipeline.to_global(batch, mesh, rules))
         if pending is not None:
-            interval.add_metrics(check_finite(*pending))
+            interval.add_metrics(finite(*pending))
         pending = (step, metrics)
         preempted = preemption.reached(step)
-        if step % config.log_every == 0 or step == end or preempted:
-            interval.add_metrics(check_finite(*pending))
+        log = step % config.log_every == 0 or step == end or preempted
+        save = step % config.checkpoint_every == 0 or step == end or preempted
+        if log or save:  # a checkpoint is written only once its own step passed the check
+            interval.add_metrics(finite(*pending))
             pending = None
-            last = interval.summary(peak, mesh.size, batches.packer.skipped)
+        if log:
+            last = interval.summary(peak, mesh.size, batches.skipped)
             writer.write(step, last)
-        if step % config.checkpoint_every == 0 or step == end or preempted:
+        if save:
             t0 = time.perf_counter()
             ckpt.save(step, state.to_pure_dict(), batches, config.to_json())
             logging.info("checkpoint %d: %.2fs blocking", step, time.perf_counter() - t0)
         if preempted:
             logging.warning("preempted: saved step %d on every process; exiting", step)
             break
+    batches.close()
     ckpt.wait()
     ckpt.close()
+    preemption.close()
     writer.close()
     return last
 

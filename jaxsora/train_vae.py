@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 import time
 
 import jax
@@ -25,18 +26,20 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from jaxsora import quality, sharding, vae_losses
-from jaxsora.checkpointing import Checkpointer, abstract_like
-from jaxsora.data import pipeline, vae_data
+from jaxsora import config_checks, quality, sharding, vae_losses
+from jaxsora.checkpointing import Checkpointer, abstract_like, resume_check
+from jaxsora.data import pipeline, prefetch, vae_data
 from jaxsora.distributed import PreemptionWatch, initialize
+from jaxsora.export import CONFIG_FILE as VAE_CONFIG_FILE
 from jaxsora.export import save_vae_dir
 from jaxsora.metrics import MetricsWriter
 from jaxsora.models.vae import VAEConfig, VideoVAE, make_vae, vae_config_from_dict
 from jaxsora.training import (
     RunVar,
-    check_finite,
+    check_finite_or_wait,
     make_optimizer,
     memory_summary,
     quiet_orbax_info_logs,
@@ -72,24 +75,45 @@ def vae_config(config: ml_collections.ConfigDict) -> VAEConfig:
     return vae_config_from_dict(config.vae.to_dict())
 
 
+# Every field the VAE trainer reads and the values it accepts; the buckets and the VAE's own
+# shape rules (z_dim, one temporal flag per level) are checked in validate().
+VAE_CHECKS = (
+    *config_checks.RUN_CHECKS,
+    config_checks.integer("latent_stats_batches", 1, why="batches the latent statistics average"),
+    config_checks.integer("vae.base_dim", 1),
+    config_checks.integers("vae.dim_mult", 1),
+    config_checks.integer("vae.num_res_blocks", 1),
+    config_checks.one_of("vae.dtype", ("float32", "bfloat16")),
+    config_checks.number("data.max_bad_fraction", 0.0, 1.0, why="the share of media that may fail"),
+    config_checks.number("data.max_scale", 0.0, open_low=True, optional=True),
+    config_checks.integer("data.prefetch", 0, why="batches made ahead; 0 = off", optional=True),
+    config_checks.number("loss.l1", 0.0),
+    config_checks.number("loss.ssim", 0.0),
+    config_checks.number("loss.kl", 0.0),
+    config_checks.number("loss.adversarial_weight", 0.0, why="0 = off"),
+    config_checks.integer("loss.adversarial_start", 0),
+    config_checks.integer("loss.disc_width", 1),
+    *config_checks.OPTIM_CHECKS,
+    config_checks.boolean("eval.enabled", optional=True),
+    config_checks.integer("eval.frames", 1, optional=True),
+    config_checks.integer("eval.max_side", 1, optional=True),
+)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Errors a user can cause, raised before anything is compiled or read."""
-    cfg = vae_config(config)
+    config_checks.check_fields(config, VAE_CHECKS)
+    config_checks.check_sources(config.data.sources)
+    try:
+        cfg = vae_config(config)
+    except ValueError as e:  # the VAE's own rules: z_dim, one temporal flag per level
+        raise ValueError(f"bad config: {e}") from e
     buckets = vae_data.parse_buckets(list(config.data.buckets))
     for i, b in enumerate(buckets):
         try:
             cfg.latent_shape(b.frames, b.height, b.width)
         except ValueError as e:
             raise ValueError(f"bad config: data.buckets[{i}]: {e}") from e
-    loss = config.loss
-    checks = [
-        (loss.l1 >= 0 and loss.ssim >= 0 and loss.kl >= 0, "loss.l1/ssim/kl must be >= 0"),
-        (loss.adversarial_weight >= 0, "loss.adversarial_weight must be >= 0 (0 = off)"),
-        (cfg.dtype in ("float32", "bfloat16"), "vae.dtype must be 'float32' or 'bfloat16'"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(f"bad config: {message}")
 
 
 # ------------------------------------------------------------------------------------------- loss
@@ -236,6 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     # --------------------------------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = tuple(tuple(r) for r in config.sharding_rules)
+    sharding.check_batch_spans_processes(mesh, rules)
     dp = sharding.data_parallel_size(mesh, rules)
     for i, b in enumerate(buckets):
         if b.videos % dp or b.images % dp:
@@ -248,9 +273,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     )
 
     # ----------------------------------------------------------------------------- input pipeline
-    batches = vae_data.make_vae_batches(config)
+    batches = prefetch.from_config(vae_data.make_vae_batches(config), config)
     if config.eval.enabled:  # before any compile: the eval set must be files it never trains on
-        vae_data.check_held_out(batches.shards, config.data.data_dir)
+        vae_data.check_held_out(batches.inner.shards, config.data.data_dir)
 
     # ------------------------------------------------------------------------ model and optimizer
     # The VAE's weights are small and unannotated: replicated; the batch is data-parallel.
@@ -262,19 +287,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     logging.info("VAE: %.2fM parameters, %s", n_params / 1e6, vae_config(config))
 
     # --------------------------------------------------------------------------------- checkpoint
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:
-        restored = ckpt.restore(
-            start,
-            abstract_like(state.to_pure_dict()),
-            config.vae.to_dict(),
-            batches,
-            config_key="vae",
-        )
+    # As the DiT trainer: the newest step that loads, its config checked by jaxsora/resume.py.
+    ckpt = Checkpointer.for_run(workdir, config)
+    resumed = ckpt.restore_latest(
+        abstract_like(state.to_pure_dict()), batches, resume_check(config)
+    )
+    start = 0
+    if resumed is not None:
+        start, restored = resumed
         nnx.replace_by_pure_dict(state, restored)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
-    start = start or 0
 
     # --------------------------------------------------------------------------------- step (AOT)
     step_fn = make_step_fn(graphdef, config, jax.tree.map(lambda x: x.sharding, state))
@@ -295,9 +317,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
         )
 
     # --------------------------------------------------------------------------------------- loop
-    writer = MetricsWriter(workdir, config.total_steps)
+    writer = MetricsWriter(workdir, config.total_steps, resumed_at=start)
     preemption = PreemptionWatch(distributed)
     interval = _Interval()
+    finite = functools.partial(check_finite_or_wait, ckpt)
     last: dict = {}
     preempted = False
     pending = None  # the step in flight, read one step late so the host never waits on it
@@ -307,23 +330,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
         batch = next(batches)
         state, metrics = compiled[bucket](state, pipeline.to_global(batch, mesh, rules))
         if pending is not None:
-            interval.add(check_finite(*pending[:2]), *pending[2:])
+            interval.add(finite(*pending[:2]), *pending[2:])
         pending = (step, metrics, step_flops[bucket], batch)
         preempted = preemption.reached(step)
-        if step % config.log_every == 0 or step == end or preempted:
-            interval.add(check_finite(*pending[:2]), *pending[2:])
+        log = step % config.log_every == 0 or step == end or preempted
+        save = step % config.checkpoint_every == 0 or step == end or preempted
+        if log or save:  # a checkpoint is written only once its own step passed the check
+            interval.add(finite(*pending[:2]), *pending[2:])
             pending = None
+        if log:
             last = interval.summary(mesh.size, batches.skipped)
             writer.write(step, last)
-        if step % config.checkpoint_every == 0 or step == end or preempted:
+        if save:
             t0 = time.perf_counter()
             ckpt.save(step, state.to_pure_dict(), batches, config.to_json())
             logging.info("checkpoint %d: %.2fs blocking", step, time.perf_counter() - t0)
         if preempted:
             logging.warning("preempted: saved step %d on every process; exiting", step)
             break
+    batches.close()
     ckpt.wait()
     ckpt.close()
+    preemption.close()
 
     # ------------------------------------------------------------------- evaluation and export
     finished = end == config.total_steps and not preempted
@@ -343,22 +371,47 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
             )
             last = {**last, **scores}
             writer.write(end, scores)
-        mean, std = latent_statistics(ema_graphdef, ema_state, batches, config.latent_stats_batches)
-        logging.info("latent statistics per channel: mean %s std %s", mean.round(3), std.round(3))
-        # Every process takes part: Orbax writes each host's shards (process 0 the JSON).
-        save_vae_dir(
-            nnx.merge(ema_graphdef, ema_state),
-            (mean, std),
-            os.path.join(workdir, "vae"),
-            overwrite=True,
+        mean, std = latent_statistics(
+            ema_graphdef, ema_state, batches.inner, config.latent_stats_batches
         )
+        logging.info("latent statistics per channel: mean %s std %s", mean.round(3), std.round(3))
+        export_vae(nnx.merge(ema_graphdef, ema_state), (mean, std), workdir)
         logging.info("wrote the VAE (EMA weights + latent statistics) to %s/vae", workdir)
     writer.close()
     return last
 
 
 def _exported(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, "vae"))
+    """`vae/` appears only whole (see export_vae); its JSON, written last, is checked too, so a
+    partial folder left by an older version counts as absent."""
+    return os.path.exists(os.path.join(workdir, "vae", VAE_CONFIG_FILE))
+
+
+def export_vae(model: VideoVAE, stats: tuple, workdir: str) -> None:
+    """Writes `<workdir>/vae` atomically: into `vae.partial`, renamed once complete, so a crash
+    mid-export leaves no `vae/` and the rerun exports again.
+
+    Collective: every process writes its shards (Orbax); process 0 writes the JSON and renames.
+    """
+    final = os.path.join(workdir, "vae")
+    partial, old = final + ".partial", final + ".old"
+    if jax.process_index() == 0:
+        for leftover in (partial, old):  # from an export that crashed
+            shutil.rmtree(leftover, ignore_errors=True)
+    _sync("vae_export_start")
+    save_vae_dir(model, stats, partial)
+    _sync("vae_export_written")
+    if jax.process_index() == 0:
+        if os.path.exists(final):  # a VAE from an earlier end of training: replaced
+            os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _sync("vae_export_renamed")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def abstract_batch(bucket, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:

@@ -1,5 +1,6 @@
 """What the DiT and VAE trainers share: run bookkeeping that is checkpointed, the optimizer, the
-non-finite stop, the compiled step's memory line, and a quieter Orbax log."""
+non-finite stop, the compiled step's memory line, and a quieter Orbax log. (Their config checks
+are in `config_checks.py`.)"""
 
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ def check_finite(step: int, metrics: dict) -> dict:
             "optim.lr or raise optim.warmup_steps, then rerun to resume from the last checkpoint"
         )
     return values
+
+
+def check_finite_or_wait(ckpt, step: int, metrics: dict) -> dict:
+    """`check_finite`; before the run stops, the last good checkpoint (`ckpt`'s save perhaps
+    still in the background) is committed, so the rerun resumes from it."""
+    try:
+        return check_finite(step, metrics)
+    except FloatingPointError:
+        ckpt.wait()
+        raise
 
 
 def memory_summary(compiled) -> str:

@@ -10,6 +10,27 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole run, fresh each run: the many training
+    processes the tests start (runs, their resumed reruns, pods) compile the same steps, and
+    each compile is a large share of a short run on 2 cores. Set by the controller before the
+    xdist workers start, so workers and every process they launch inherit it; JAX reads it at
+    import. Fresh per run, so compile-time tests still measure real compiles."""
+    if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsora-xla-cache-")
+        config._jaxsora_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_jaxsora_cache_dir", None)
+    if cache:
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
     """synthetic_clips (default and small) built into one TFDS data dir."""

@@ -1,5 +1,8 @@
 """Sampling at any size: mixed requests in one packed pass come back in their requested shapes."""
 
+import re
+import zlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from jaxsora import sample
 from jaxsora.compression import make_stage
 from jaxsora.data import packing
 from jaxsora.models.dit import make_model
+from jaxsora.models.tokenizer import caption_words, tokenize
 from jaxsora.train import dit_config, null_text_ids, null_text_mask
 from tests.conftest import randomize_params, runlocal_config
 
@@ -97,3 +101,109 @@ def test_sampling_polls_for_preemption_every_step(model_and_config):
     with pytest.raises(sample.SamplingInterrupted, match="step 3 of 5"):
         sample.generate(model, config, [r], steps=5, guidance=1.0, should_stop=stop_at_third)
     assert polled == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------- requests file
+
+GOOD = '{"prompt": "a red circle", "frames": 4, "height": 8, "width": 8, "name": "first"}'
+
+
+def requests_file(tmp_path, *lines: str) -> str:
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_unnamed_requests_are_named_after_their_lines_so_none_is_overwritten(tmp_path):
+    unnamed = '{"prompt": "a cat", "frames": 1, "height": 8, "width": 8}'
+    path = requests_file(tmp_path, GOOD, unnamed, "", unnamed, unnamed, unnamed)
+    requests = sample.read_requests(path)
+    assert [r.name for r in requests] == ["first", "line002", "line004", "line005", "line006"]
+
+
+def test_two_requests_writing_the_same_files_name_both_lines(tmp_path):
+    same = '{"prompt": "a cat", "frames": 1, "height": 8, "width": 8, "name": "first.mp4"}'
+    path = requests_file(tmp_path, GOOD, "", same)
+    with pytest.raises(ValueError, match=rf"^{path}:1 and {path}:3 both write 'first'"):
+        sample.read_requests(path)
+
+
+def test_a_name_may_hold_subfolders_inside_out_dir(tmp_path):
+    line = '{"prompt": "a cat", "frames": 1, "height": 8, "width": 8, "name": "cats/01"}'
+    (request,) = sample.read_requests(requests_file(tmp_path, line))
+    assert request.name == "cats/01"
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"prompt": "a cat", "frames": 1,', "not valid JSON"),
+        ('["a cat", 1, 8, 8]', "a request is a JSON object"),
+        ('{"prompt": "a cat", "frames": "4", "height": 8, "width": 8}', "frames='4' must be a"),
+        ('{"prompt": "a cat", "frames": 4.0, "height": 8, "width": 8}', "frames=4.0 must be a"),
+        ('{"prompt": "a cat", "frames": 1, "height": -8, "width": 8}', "height=-8 must be a"),
+        ('{"prompt": "a cat", "frames": 1, "height": 8, "width": true}', "width=True must be"),
+        ('{"prompt": "a cat", "frames": 1, "height": 8, "width": 8, "seed": -1}', "seed=-1"),
+        ('{"prompt": "a cat", "frame": 1, "height": 8, "width": 8}', "did you mean 'frames'"),
+        ('{"prompt": "a cat", "frames": 1, "height": 8}', "missing ['width']"),
+        ('{"prompt": 5, "frames": 1, "height": 8, "width": 8}', "prompt=5 must be a string"),
+        ('{"prompt": "x", "frames": 1, "height": 8, "width": 8, "name": "../x"}', "name='../x'"),
+        ('{"prompt": "x", "frames": 1, "height": 8, "width": 8, "name": "/tmp/x"}', "inside"),
+        ('{"prompt": "x", "frames": 1, "height": 8, "width": 8, "name": "a/../../b"}', "inside"),
+        ('{"prompt": "x", "frames": 1, "height": 8, "width": 8, "name": ""}', "name=''"),
+        ('{"prompt": "x", "frames": 1, "height": 8, "width": 8, "name": "a//b"}', "inside"),
+        ('{"prompt": "x", "frames": 1, "height": 8, "width": 8, "name": 3}', "name=3 must be"),
+    ],
+)
+def test_a_bad_line_is_an_error_naming_the_file_and_line(tmp_path, line, needle):
+    path = requests_file(tmp_path, GOOD, line)
+    with pytest.raises(ValueError, match=rf"^{path}:2: ") as e:
+        sample.read_requests(path)
+    assert needle in str(e.value)
+
+
+def test_a_prompt_the_tokenizer_cannot_read_is_warned_about_by_name(tmp_path, caplog):
+    line = '{"prompt": "🙂 !!", "frames": 1, "height": 8, "width": 8, "name": "emoji"}'
+    path = requests_file(tmp_path, GOOD, line)
+    with caplog.at_level("WARNING"):
+        sample.read_requests(path)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{path}:2: request 'emoji'" in warning and "unconditional" in warning
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+
+
+def former_tokenize(caption: str, text_len: int, vocab_size: int) -> np.ndarray:
+    """The ASCII-only tokenizer every trained model and built dataset so far used."""
+    words = re.findall(r"[a-z0-9]+", caption.lower())[: text_len - 1]
+    ids = np.zeros((text_len,), np.int32)
+    ids[0] = 1
+    for i, word in enumerate(words, start=1):
+        ids[i] = 2 + zlib.crc32(word.encode()) % (vocab_size - 2)
+    return ids
+
+
+def test_ascii_captions_keep_exactly_their_former_ids():
+    caption = "A red circle, moving LEFT on a_blue background (2x)!"
+    golden = [1, 707, 1937, 163, 180, 268, 2030, 707, 590, 584, 1180, 0, 0, 0, 0, 0]
+    assert tokenize(caption, 16, 2048)[0].tolist() == golden
+    rng = np.random.default_rng(0)
+    for _ in range(500):  # every ASCII character, punctuation and control ones included
+        caption = "".join(map(chr, rng.integers(0, 128, rng.integers(0, 60))))
+        ids, mask = tokenize(caption, 12, 512)
+        np.testing.assert_array_equal(ids, former_tokenize(caption, 12, 512), err_msg=caption)
+        np.testing.assert_array_equal(mask, ids != 0)
+
+
+def test_non_ascii_words_are_read_not_dropped():
+    assert caption_words("Un café à Paris") == ["un", "café", "à", "paris"]
+    assert caption_words("cafe\u0301") == ["café"]  # decomposed accent: NFKC composes it
+    assert caption_words("Красный круг") == ["красный", "круг"]
+    assert caption_words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs stay in the word
+    assert caption_words("红色的猫") == ["红", "色", "的", "猫"]  # no spaces: a word each
+    assert caption_words("ｆｕｌｌ width") == ["full", "width"]
+    assert caption_words("🙂 !!") == []
+    ids, _ = tokenize("un café", 8, 2048)
+    assert ids[2] != tokenize("un caf", 8, 2048)[0][2]
+    assert (tokenize("红色的猫", 8, 2048)[1]).sum() == 5  # start + 4 words
