@@ -266,7 +266,12 @@ def _private_mounts() -> list[str] | None:
 def test_a_full_disk_ends_in_one_clear_error_and_keeps_the_last_checkpoint(tmp_path):
     prefix = _private_mounts()
     if prefix is None:
-        pytest.skip("no private tmpfs: needs root or unprivileged user namespaces (unshare)")
+        pytest.skip(
+            "a real full disk needs a small tmpfs in a private mount namespace (root, or "
+            "unprivileged user namespaces for `unshare --user`), which this machine refuses; the "
+            "free-space refusal is still tested by test_a_save_the_disk_cannot_hold_is_refused_"
+            "before_a_byte_is_written"
+        )
     # 1,500 KiB: the first checkpoint (~870 KiB) fits, the second does not.
     mounts = " && ".join(
         f"mkdir -p {tmp_path}/{m} && mount -t tmpfs -o size=1500k tmpfs {tmp_path}/{m}"
@@ -371,3 +376,38 @@ def test_the_trainer_resumes_with_new_execution_settings(run, trained, tmp_path)
     (step, state), _ = restore(copy_run(run, tmp_path), moved, abstract_state(moved))
     assert step == 6
     np.testing.assert_array_equal(np.asarray(state["step"]), 6)
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_a_byte_is_written(tmp_path, monkeypatch):
+    """The pre-flight check on any machine (no mount needed): with less free space than the
+    state needs, save() raises one ENOSPC error naming the directory, writes nothing, and the
+    last good checkpoint still restores."""
+    import errno
+
+    import jax.numpy as jnp
+
+    from jaxsora import checkpointing
+    from tests.disk_full_check import _Data
+
+    state = {"w": jnp.arange(50_000, dtype=jnp.float32)}
+    ckpt = Checkpointer(str(tmp_path), keep=1)
+    ckpt.save(1, state, _Data(), "{}")
+    ckpt.wait()
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        checkpointing.shutil,
+        "disk_usage",
+        lambda path: real(path)._replace(free=100_000),  # less than step 1's ~200 KB
+    )
+    with pytest.raises(checkpointing.CheckpointDiskFullError) as err:
+        ckpt.save(2, state, _Data(), "{}")
+    assert err.value.errno == errno.ENOSPC
+    message = str(err.value)
+    assert "no space left on device" in message and ckpt.directory in message, message
+    assert "nothing was written" in message and "checkpoints/1" in message, message
+    ckpt.close()
+    assert sorted(os.listdir(ckpt.directory)) == ["1"]
+    step, restored = Checkpointer(str(tmp_path), read_only=True).restore_latest(
+        checkpointing.abstract_like(state)
+    )
+    assert step == 1 and np.array_equal(restored["w"], np.asarray(state["w"]))
