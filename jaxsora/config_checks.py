@@ -122,6 +122,8 @@ def check_sources(sources, field: str = "data.sources") -> None:
 
 
 # The run bookkeeping and the optimizer, as both trainers read them.
+# Read by the prefetcher itself too (jaxsora/data/prefetch.py), so one rule serves all three.
+PREFETCH_CHECK = integer("data.prefetch", 0, why="batches made ahead; 0 = off", optional=True)
 RUN_CHECKS = (
     integer("seed"),
     integer("total_steps", 1),

@@ -107,7 +107,7 @@ DIT_CHECKS = (
     config_checks.integer("data.buffer_size", 1, why="examples the packer chooses from"),
     config_checks.number("data.max_bad_fraction", 0.0, 1.0, why="the share of media that may fail"),
     config_checks.number("data.token_drop_rate", 0.0, 1.0, optional=True),
-    config_checks.integer("data.prefetch", 0, why="batches made ahead; 0 = off", optional=True),
+    config_checks.PREFETCH_CHECK,
     config_checks.number("flow.time_std", 0.0, open_low=True),
     config_checks.integer("flow.base_tokens", 1),
     config_checks.one_of("flow.loss_weighting", ("segment", "token")),

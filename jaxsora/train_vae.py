@@ -86,7 +86,7 @@ VAE_CHECKS = (
     config_checks.one_of("vae.dtype", ("float32", "bfloat16")),
     config_checks.number("data.max_bad_fraction", 0.0, 1.0, why="the share of media that may fail"),
     config_checks.number("data.max_scale", 0.0, open_low=True, optional=True),
-    config_checks.integer("data.prefetch", 0, why="batches made ahead; 0 = off", optional=True),
+    config_checks.PREFETCH_CHECK,
     config_checks.number("loss.l1", 0.0),
     config_checks.number("loss.ssim", 0.0),
     config_checks.number("loss.kl", 0.0),

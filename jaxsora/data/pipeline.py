@@ -332,6 +332,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         self._max_bad_fraction, self._min_bad_allowed = max_bad_fraction, min_bad_allowed
         self._num_records = num_records  # distinct records in `records` (None: unknown)
         self._recent_bad: collections.deque[str] = collections.deque(maxlen=3)
+        self._first_reads_rejected: set[int] = set()  # bad indices read in their first epoch
         self.packer = packing.OnlinePacker(
             self.example_at, shape, buffer_size, on_reject=self._on_reject
         )
@@ -354,6 +355,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         except BadMediaError as e:
             if record.get(EPOCH_KEY, 0) == 0:  # once per file, not again every epoch
                 logging.warning("skipping example %d: %s", index, e)
+                self._first_reads_rejected.add(index)  # for `_on_reject`, without a re-read
             self._recent_bad.append(f"{e.path} ({e.reason})")
             return None
         return window_example(frames, record["caption"], self._spec, self._stage, rng)
@@ -370,7 +372,8 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
     def _on_reject(self, index: int) -> None:
         """The packer's rejection hook: a bad file counts the first time it is read (a re-read
         in a later epoch is the same file), then the budget is checked there and then."""
-        if self._records[index].get(EPOCH_KEY, 0) == 0:
+        if index in self._first_reads_rejected:
+            self._first_reads_rejected.discard(index)
             self.packer.count_rejection(index)
         self._check_error_budget(read=index + 1)
 

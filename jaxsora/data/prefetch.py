@@ -27,18 +27,15 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from jaxsora import config_checks
+
 _POLL_S = 0.1  # how often a blocked thread looks up to see whether it was told to stop
 
 
 def from_config(inner, config) -> Prefetcher:
     """`inner` run `config.data.prefetch` batches ahead (configs without the field: 0, off)."""
-    depth = config.data.get("prefetch", 0)
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(
-            f"bad config: data.prefetch={depth!r} must be an integer >= 0 (batches prepared "
-            "ahead of the step in a background thread; 0 turns it off)"
-        )
-    return Prefetcher(inner, depth)
+    config_checks.check_fields(config, (config_checks.PREFETCH_CHECK,))
+    return Prefetcher(inner, config.data.get("prefetch", 0))
 
 
 @dataclasses.dataclass(frozen=True)
