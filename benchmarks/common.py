@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from jaxsora.data import packing, video
-from jaxsora.models.tokenizer import tokenize
+from jaxsora.data import captions, packing, video
 
 _WORDS = (
     "a",
@@ -177,13 +176,11 @@ def synthetic_example(rng: np.random.Generator, spec, patch_dim: int) -> packing
     n = t * h * w
     positions = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"), -1)
     caption = " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 12))))
-    text_ids, text_mask = tokenize(caption, spec.text_len, spec.text_vocab)
     return {
         "patches": rng.uniform(-1, 1, (n, patch_dim)).astype(np.float32),
         "positions": positions.reshape(n, 3).astype(np.int32),
         "grid": np.asarray([t, h, w], np.int32),
-        "text_ids": text_ids,
-        "text_mask": text_mask,
+        **captions.text_fields(caption, spec.text),  # ids, or the frozen encoder's embeddings
     }
 
 

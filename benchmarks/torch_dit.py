@@ -151,8 +151,8 @@ class DiTBlock(nn.Module):
         self.cross_attn = Attention(width, num_heads)
         self.mlp = Mlp(width, int(mlp_ratio * width))
 
-    def forward(self, x, c_BSD, seg_BL, self_mask, rope, ctx_BMD, cross_mask, has_key):
-        mod = per_segment(self.ada(F.silu(c_BSD)), seg_BL)
+    def forward(self, x, c_BKD, rows_BL, self_mask, rope, ctx_BMD, cross_mask, has_key):
+        mod = per_segment(self.ada(F.silu(c_BKD)), rows_BL)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         h = modulate(layer_norm(x), shift1, scale1)
         x = x + gate1 * self.self_attn(h, h, self_mask, rope)
@@ -185,13 +185,28 @@ class DiT(nn.Module):
             nn.init.zeros_(zero.weight)  # adaLN-Zero, as in jaxsora
             nn.init.zeros_(zero.bias)
 
-    def forward(self, x_BLP, t_BS, segment_ids_BL, positions_BL3, text_ids_BSLt, text_mask_BSLt):
+    def forward(
+        self,
+        x_BLP,
+        t_BS,
+        segment_ids_BL,
+        positions_BL3,
+        text_ids_BSLt,
+        text_mask_BSLt,
+        cond_mask_BL=None,
+    ):
         cfg = self.cfg
         B, S, Lt = text_ids_BSLt.shape
         x = self.patch_in(x_BLP)
-        t_emb = self.time_mlp2(F.silu(self.time_mlp1(timestep_embedding(t_BS, 256))))
+        # Per-token time as in jaxsora: rows 0..S-1 at t, S..2S-1 at 0 for clean tokens.
+        t_BK = torch.cat([t_BS, torch.zeros_like(t_BS)], dim=1)
+        t_emb = self.time_mlp2(F.silu(self.time_mlp1(timestep_embedding(t_BK, 256))))
         text, pooled = self.captions(text_ids_BSLt, text_mask_BSLt)
-        c = t_emb + self.caption_pool(pooled)
+        pooled = self.caption_pool(pooled)
+        c = t_emb + torch.cat([pooled, pooled], dim=1)
+        rows = segment_ids_BL
+        if cond_mask_BL is not None:
+            rows = rows + S * (cond_mask_BL & (segment_ids_BL > 0)).to(rows.dtype)
         ctx = self.caption_proj(text).reshape(B, S * Lt, -1)
         seg_of_caption = torch.arange(1, S + 1, dtype=torch.int32)[None, :, None]
         ctx_seg = torch.where(text_mask_BSLt, seg_of_caption, 0).reshape(B, S * Lt)
@@ -202,8 +217,8 @@ class DiT(nn.Module):
         angles = rope_angles(positions_BL3, cfg.width // cfg.num_heads, cfg.rope_theta)
         rope = (torch.cos(angles)[:, None], torch.sin(angles)[:, None])
         for block in self.blocks:
-            x = block(x, c, segment_ids_BL, self_mask, rope, ctx, cross_mask, has_key)
-        shift, scale = per_segment(self.final_ada(F.silu(c)), segment_ids_BL).chunk(2, dim=-1)
+            x = block(x, c, rows, self_mask, rope, ctx, cross_mask, has_key)
+        shift, scale = per_segment(self.final_ada(F.silu(c)), rows).chunk(2, dim=-1)
         return self.patch_out(modulate(layer_norm(x), shift, scale))
 
 
@@ -316,6 +331,7 @@ def check_parity(
         batch["positions"],
         batch["text_ids"],
         batch["text_mask"],
+        batch["cond_mask"],
     ]
     want = np.asarray(nnx.jit(lambda m, *x: m(*x))(jax_model, *(jnp.asarray(x) for x in inputs)))
     if not np.abs(want).max() > 1e-3:
@@ -347,7 +363,15 @@ def check_grad_parity(
     drop = torch.rand(B, S, generator=gen) < 0.3  # some dropped captions, whatever the config
     x_t, t_BS, text_mask, target = flow_inputs(tb, flow_cfg, gen, drop=drop)
     loss = packed_loss(
-        model(x_t, t_BS, tb["segment_ids"], tb["positions"], tb["text_ids"], text_mask),
+        model(
+            x_t,
+            t_BS,
+            tb["segment_ids"],
+            tb["positions"],
+            tb["text_ids"],
+            text_mask,
+            tb["cond_mask"],
+        ),
         target,
         tb["segment_ids"],
         tb["cond_mask"],
@@ -358,7 +382,15 @@ def check_grad_parity(
 
     inputs = [
         jnp.asarray(x.numpy())
-        for x in (x_t, t_BS, tb["segment_ids"], tb["positions"], tb["text_ids"], text_mask)
+        for x in (
+            x_t,
+            t_BS,
+            tb["segment_ids"],
+            tb["positions"],
+            tb["text_ids"],
+            text_mask,
+            tb["cond_mask"],
+        )
     ]
 
     def jax_loss(m):
@@ -420,7 +452,15 @@ def flow_inputs(batch, flow_cfg, generator: torch.Generator, t_BS=None, noise=No
 
 def loss_fn(model: DiT, batch, flow_cfg, generator, **fixed):
     x_t, t_BS, text_mask, target = flow_inputs(batch, flow_cfg, generator, **fixed)
-    pred = model(x_t, t_BS, batch["segment_ids"], batch["positions"], batch["text_ids"], text_mask)
+    pred = model(
+        x_t,
+        t_BS,
+        batch["segment_ids"],
+        batch["positions"],
+        batch["text_ids"],
+        text_mask,
+        batch["cond_mask"],
+    )
     return packed_loss(
         pred, target, batch["segment_ids"], batch["cond_mask"], batch["grid"].shape[1]
     )

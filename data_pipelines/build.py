@@ -5,6 +5,8 @@
     python -m data_pipelines.build --dataset video_folder --folder my_clips --data_dir data/mine
     python -m data_pipelines.build --dataset latents:synthetic_clips --vae_dir runs/vae/vae \
         --data_dir data/tfds   # the VAE latents of a dataset already built in data_dir
+    python -m data_pipelines.build --dataset caption_embeddings:synthetic_clips \
+        --text_encoder minilm --data_dir data/tfds   # + caption embeddings of a built dataset
 
 Read back with `builder.as_data_source(split)` or `tfds.data_source(name, data_dir=...)` after
 importing `data_pipelines.build` (the import registers the builders).
@@ -18,6 +20,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from data_pipelines.caption_embeddings import CaptionEmbeddings
 from data_pipelines.latents import Latents
 from data_pipelines.sample_media import SampleMedia
 from data_pipelines.synthetic_clips import SyntheticClips
@@ -28,6 +31,7 @@ BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "sample_media": SampleMedia,
     "video_folder": VideoFolder,
     "latents": Latents,
+    "caption_embeddings": CaptionEmbeddings,
 }
 
 
@@ -46,7 +50,8 @@ def build(
 ) -> tfds.core.DatasetBuilder:
     """Prepares `name` under `data_dir` (reusing a finished build unless `overwrite`).
 
-    `builder_kwargs` go to the builder, e.g. `folder=` for video_folder, `vae_dir=` for latents.
+    `builder_kwargs` go to the builder, e.g. `folder=` for video_folder, `vae_dir=` for latents,
+    `text_encoder=`, `text_checkpoint=`, `text_max_tokens=` for caption_embeddings.
     """
     builder = make_builder(name, data_dir, **builder_kwargs)
     mode = (
@@ -54,10 +59,13 @@ def build(
         if overwrite
         else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     )
+    # The builders already write array_record (their constructor's default); asking again would
+    # make TFDS refuse to rebuild (--overwrite) a dataset whose info it has read.
+    has_format = getattr(builder.info.file_format, "value", None) == "array_record"
     builder.download_and_prepare(
         # try_download_gcs=False: never look for a prebuilt copy online.
         download_config=tfds.download.DownloadConfig(try_download_gcs=False, download_mode=mode),
-        file_format="array_record",
+        file_format=None if has_format else "array_record",
     )
     return builder
 
@@ -75,12 +83,20 @@ def summary(builder: tfds.core.DatasetBuilder, seconds: float) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    from absl import flags
+    from absl import app, flags
 
     f = flags.FLAGS
     kwargs = {"folder": f.folder} if f.folder else {}
     if f.vae_dir:
         kwargs["vae_dir"] = f.vae_dir
+    if f.text_encoder:
+        kwargs.update(
+            text_encoder=f.text_encoder,
+            text_checkpoint=f.text_checkpoint,
+            text_max_tokens=f.text_max_tokens,
+        )
+    elif f.text_checkpoint:
+        raise app.UsageError("--text_checkpoint needs --text_encoder (minilm, t5 or umt5)")
     start = time.perf_counter()
     builder = build(f.dataset, f.data_dir, overwrite=f.overwrite, **kwargs)
     print(summary(builder, time.perf_counter() - start))
@@ -94,6 +110,16 @@ def _define_flags() -> None:
     flags.DEFINE_string("data_dir", "data/tfds", "Where TFDS writes the dataset.")
     flags.DEFINE_string("folder", None, "Media folder, for --dataset video_folder.")
     flags.DEFINE_string("vae_dir", None, "VAE directory to encode with, for --dataset latents.")
+    flags.DEFINE_enum(
+        "text_encoder",
+        None,
+        ["minilm", "t5", "umt5"],
+        "Frozen text encoder to embed captions with, for --dataset caption_embeddings.",
+    )
+    flags.DEFINE_string(
+        "text_checkpoint", None, "Text encoder folder (optional for minilm: the packaged weights)."
+    )
+    flags.DEFINE_integer("text_max_tokens", 16, "Caption tokens kept, for caption_embeddings.")
     flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset already exists.")
     flags.mark_flag_as_required("dataset")
 

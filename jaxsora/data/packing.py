@@ -5,12 +5,13 @@ Pure NumPy, so it runs inside the input pipeline and is tested without JAX. An e
   patches   [N, P] float32   spacetime patches, N <= L
   positions [N, 3] int32     (t, h, w) of each patch inside its own example
   grid      [3] int32        (T', H', W') patch grid of the example
-  text_ids  [Lt] int32       caption token ids
+  text_ids  [Lt] int32       caption token ids (hashed captions), or
+  text_emb  [Lt, Dt] float32 a frozen text encoder's caption embeddings (jaxsora/data/captions.py)
   text_mask [Lt] bool
   cond      [N] bool         optional: patches given clean as conditioning
 
 A pack is the contract of DESIGN.md ("The pack"): tokens, segment_ids (1..S, 0 = padding),
-positions, grid, text_ids, text_mask, cond_mask.
+positions, grid, text_ids or text_emb, text_mask, cond_mask.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PackShape:
     max_segments: int  # S
     patch_dim: int  # P = p_t * p_h * p_w * C
     text_len: int  # Lt
+    text_dim: int = 0  # Dt of text_emb; 0: captions are hashed ids (text_ids)
 
 
 def first_fit_decreasing(sizes: Sequence[int], seq_len: int, max_segments: int) -> list[list[int]]:
@@ -69,7 +71,11 @@ def build_pack(examples: Sequence[Example], shape: PackShape) -> dict[str, np.nd
         "segment_ids": np.zeros((L,), np.int32),
         "positions": np.zeros((L, 3), np.int32),
         "grid": np.zeros((S, 3), np.int32),
-        "text_ids": np.zeros((S, shape.text_len), np.int32),
+        **(
+            {"text_emb": np.zeros((S, shape.text_len, shape.text_dim), np.float32)}
+            if shape.text_dim
+            else {"text_ids": np.zeros((S, shape.text_len), np.int32)}
+        ),
         "text_mask": np.zeros((S, shape.text_len), bool),
         "cond_mask": np.zeros((L,), bool),
     }
@@ -85,7 +91,8 @@ def build_pack(examples: Sequence[Example], shape: PackShape) -> dict[str, np.nd
         if "cond" in ex:
             pack["cond_mask"][start:end] = ex["cond"]
         pack["grid"][k] = ex["grid"]
-        pack["text_ids"][k] = ex["text_ids"]
+        text_key = "text_emb" if shape.text_dim else "text_ids"
+        pack[text_key][k] = ex[text_key]
         pack["text_mask"][k] = ex["text_mask"]
         start = end
     return pack

@@ -4,7 +4,8 @@ online packs -> global batches on the mesh.
     tfds.data_source (array_record, random access)
       -> grain.MapDataset: this process's shard, shuffled per epoch, repeated, sources mixed
       -> example_at(i): decode, temporal window, resize to a token budget, compress, patchify,
-         tokenize the caption (all seeded by (seed, i), so any example can be rebuilt)
+         tokenize the caption, draw the task's conditioning frames (data/tasks.py) (all
+         seeded by (seed, i), so any example can be rebuilt)
       -> OnlinePacker (first-fit decreasing over a buffer)
       -> PackedBatches: B_local packs per step, state = a few integers
 
@@ -39,9 +40,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from jaxsora.compression import Stage, VaeMismatchError, check_same_vae
-from jaxsora.data import packing, video
+from jaxsora.data import captions, packing, tasks, video
 from jaxsora.data.media import BadMediaError, decode_example_window
-from jaxsora.models.tokenizer import tokenize
 from jaxsora.sharding import batch_sharding
 
 
@@ -57,6 +57,16 @@ class ExampleSpec:
     text_len: int
     text_vocab: int
     token_drop_rate: float = 0.0  # NaViT token dropping, per example, training only
+    # The task mix (jaxsora/data/tasks.py): (task, probability) pairs; () trains text-to-video.
+    tasks: tuple[tuple[str, float], ...] = ()
+    text_encoder: str = captions.HASHED  # config text.encoder (jaxsora/data/captions.py)
+    text_checkpoint: str = ""
+
+    @property
+    def text(self) -> captions.TextSpec:
+        return captions.TextSpec(
+            self.text_encoder, self.text_checkpoint, self.text_len, self.text_vocab
+        )
 
 
 def patch_pixels(spec: ExampleSpec, stage: Stage) -> tuple[int, int, int]:
@@ -89,7 +99,7 @@ def frames_to_latent_grid(
 
 def make_example(
     frames: np.ndarray,
-    caption: bytes | str,
+    caption: bytes | str | captions.Precomputed,
     spec: ExampleSpec,
     stage: Stage,
     rng: np.random.Generator,
@@ -105,7 +115,7 @@ def make_example(
 
 def window_example(
     frames: np.ndarray,
-    caption: bytes | str,
+    caption: bytes | str | captions.Precomputed,
     spec: ExampleSpec,
     stage: Stage,
     rng: np.random.Generator,
@@ -122,7 +132,7 @@ def window_example(
 
 def cached_example(
     raw_latents: np.ndarray,
-    caption: bytes | str,
+    caption: bytes | str | captions.Precomputed,
     spec: ExampleSpec,
     stage: Stage,
     rng: np.random.Generator,
@@ -166,7 +176,10 @@ def cached_example(
 
 
 def _to_example(
-    latents: np.ndarray, caption: bytes | str, spec: ExampleSpec, rng: np.random.Generator
+    latents: np.ndarray,
+    caption: bytes | str | captions.Precomputed,
+    spec: ExampleSpec,
+    rng: np.random.Generator,
 ) -> packing.Example:
     patches, positions = video.patchify(latents, spec.patch)
     grid = np.asarray(
@@ -181,14 +194,17 @@ def _to_example(
         keep = max(1, round(patches.shape[0] * (1 - rng.uniform(0, spec.token_drop_rate))))
         kept = np.sort(rng.choice(patches.shape[0], keep, replace=False))
         patches, positions = patches[kept], positions[kept]
-    text_ids, text_mask = tokenize(caption, spec.text_len, spec.text_vocab)
-    return {
+    example = {
         "patches": patches,
         "positions": positions,
         "grid": grid,
-        "text_ids": text_ids,
-        "text_mask": text_mask,
+        **captions.text_fields(caption, spec.text),
     }
+    # Drawn last, so the rest of the example is the same with or without a task mix.
+    cond = tasks.conditioning_mask(spec.tasks, positions, int(grid[0]), rng)
+    if cond is not None:
+        example["cond"] = cond
+    return example
 
 
 def check_source_stage(name: str, records, stage: Stage) -> None:
@@ -274,7 +290,12 @@ def _tag_epoch(size: int, index: int, record) -> dict:
 
 
 def open_sources(
-    data_dir: str, sources: list[dict], split: str, seed: int, stage: Stage | None = None
+    data_dir: str,
+    sources: list[dict],
+    split: str,
+    seed: int,
+    stage: Stage | None = None,
+    text: captions.TextSpec | None = None,
 ) -> tuple[grain.MapDataset, int]:
     """Each source's shard for this process, shuffled per epoch and repeated, then mixed; and
     how many distinct records the shards hold together.
@@ -282,7 +303,8 @@ def open_sources(
     Every process gets the same number of records from each source (the remainder is dropped), so
     hosts step in lockstep and never wait on a collective that one of them will not reach.
     Each record carries `EPOCH_KEY`. With `stage`, each source is checked against it
-    (`check_source_stage`).
+    (`check_source_stage`); with `text`, its precomputed caption embeddings, if any, against
+    the text encoder (`captions.check_source_encoder`).
     """
     datasets, weights, total = [], [], 0
     for i, src in enumerate(sources):
@@ -290,6 +312,8 @@ def open_sources(
         records = open_records(data_dir, name, split)
         if stage is not None:
             check_source_stage(name, records, stage)
+        if text is not None:
+            captions.check_source_encoder(name, records, text)
         ds = grain.MapDataset.source(records)
         per_process = len(ds) // jax.process_count()
         if per_process == 0:
@@ -344,7 +368,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
             if "latents" in record:  # a latent cache: no decoding, no VAE
                 return cached_example(
                     record["latents"],
-                    record["caption"],
+                    captions.caption_of(record),
                     self._spec,
                     self._stage,
                     rng,
@@ -358,7 +382,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
                 self._first_reads_rejected.add(index)  # for `_on_reject`, without a re-read
             self._recent_bad.append(f"{e.path} ({e.reason})")
             return None
-        return window_example(frames, record["caption"], self._spec, self._stage, rng)
+        return window_example(frames, captions.caption_of(record), self._spec, self._stage, rng)
 
     def _window_sampler(self, rng: np.random.Generator):
         spec = self._spec
@@ -425,6 +449,9 @@ def example_spec(config) -> ExampleSpec:
         text_len=m.text_len,
         text_vocab=m.text_vocab,
         token_drop_rate=d.get("token_drop_rate", 0.0),
+        tasks=tasks.normalized(d.get("tasks")),
+        text_encoder=captions.text_spec(config).encoder,
+        text_checkpoint=captions.text_spec(config).checkpoint,
     )
 
 
@@ -435,6 +462,7 @@ def pack_shape(config, stage: Stage) -> packing.PackShape:
         max_segments=config.data.max_segments,
         patch_dim=pt * ph * pw * stage.channels,
         text_len=config.model.text_len,
+        text_dim=captions.embedding_dim(captions.text_spec(config)),
     )
 
 
@@ -446,7 +474,9 @@ def make_batches(config, stage: Stage, split: str = "train") -> PackedBatches:
             f"config batch_size={config.batch_size} is not divisible by the "
             f"{jax.process_count()} processes"
         )
-    records, num_records = open_sources(d.data_dir, list(d.sources), split, config.seed, stage)
+    records, num_records = open_sources(
+        d.data_dir, list(d.sources), split, config.seed, stage, captions.text_spec(config)
+    )
     return PackedBatches(
         records,
         example_spec(config),

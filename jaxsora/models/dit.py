@@ -5,6 +5,12 @@ Every conditioning signal is per segment ([B, S, ...]) and reaches tokens throug
 id, so a pack of several clips is several independent examples: the model's output for a clip
 does not depend on what else is in its pack (tests/test_model.py checks this through values and
 through gradients).
+
+Time is per token: conditioning tokens (`cond_mask`, the frames of an image-to-video or
+extension prompt) are clean, so they are modulated for t = 0 while the rest of their segment is
+modulated for its t. Each segment's conditioning is computed for both times ([B, 2S, D]: rows
+0..S-1 at t, rows S..2S-1 at 0, as Open-Sora 1.2's `x_mask` does) and each token picks its row;
+the extra cost is one more pass of the tiny per-segment layers (jaxsora/flops.py counts it).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ class DiTConfig:
     text_width: int = 128
     text_depth: int = 2
     text_heads: int = 2
+    # Width of a frozen text encoder's embeddings, given to the model instead of hashed ids
+    # (jaxsora/text/); 0: hashed ids and the model's own embedding table.
+    text_embed_dim: int = 0
     rope_theta: float = 10_000.0
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attention: str = "xla"
@@ -74,8 +83,8 @@ class DiTBlock(nnx.Module):
         self.cross_attn = Attention(D, cfg.num_heads, rngs, dtype, "xla", cross=True)
         self.mlp = Mlp(D, int(cfg.mlp_ratio * D), rngs, dtype)
 
-    def __call__(self, x_BLD, c_BSD, seg_BL, angles, ctx_BMD, ctx_seg_BM):
-        mod_BLD6 = per_segment(self.ada(jax.nn.silu(c_BSD)), seg_BL)
+    def __call__(self, x_BLD, c_BKD, row_BL, seg_BL, angles, ctx_BMD, ctx_seg_BM):
+        mod_BLD6 = per_segment(self.ada(jax.nn.silu(c_BKD)), row_BL)
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod_BLD6, 6, axis=-1)
         h = modulate(layer_norm(x_BLD), shift1, scale1)
         x_BLD = x_BLD + gate1 * self.self_attn(h, h, seg_BL, seg_BL, angles)
@@ -101,6 +110,7 @@ class DiT(nnx.Module):
             rngs,
             dtype,
             cfg.attention,
+            embed_dim=cfg.text_embed_dim,
         )
         self.caption_pool = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
         self.caption_proj = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
@@ -127,35 +137,40 @@ class DiT(nnx.Module):
         t_BS: jax.Array,
         segment_ids_BL: jax.Array,
         positions_BL3: jax.Array,
-        text_ids_BSLt: jax.Array,
+        text_BSLt: jax.Array,
         text_mask_BSLt: jax.Array,
+        cond_mask_BL: jax.Array | None = None,
     ) -> jax.Array:
-        """Predicted velocity [B, L, P] for noisy patches x at per-segment times t."""
+        """Predicted velocity [B, L, P] for noisy patches x at per-segment times t; tokens in
+        `cond_mask_BL` are clean conditioning, seen at time 0. `text_BSLt`: caption ids [B, S,
+        Lt], or a frozen encoder's embeddings [B, S, Lt, Dt] (`text_embed_dim`); a caption whose
+        mask is all False is the null caption."""
         cfg = self.cfg
-        B, S, Lt = text_ids_BSLt.shape
+        B, S, Lt = text_mask_BSLt.shape
         dtype = jnp.dtype(cfg.dtype)
         x = self.patch_in(x_BLP.astype(dtype))
+        t_BK = jnp.concatenate([t_BS, jnp.zeros_like(t_BS)], axis=1)  # K = 2S rows: t, then 0
         t_emb = self.time_mlp2(
-            jax.nn.silu(self.time_mlp1(timestep_embedding(t_BS, 256).astype(dtype)))
+            jax.nn.silu(self.time_mlp1(timestep_embedding(t_BK, 256).astype(dtype)))
         )
-        text_BSLtE, pooled_BSE = self.captions(text_ids_BSLt, text_mask_BSLt)
-        c_BSD = t_emb + self.caption_pool(pooled_BSE)
-        # The per-segment conditioning is tiny ([B, S, D]) and every ada layer contracts its
+        text_BSLtE, pooled_BSE, text_mask_BSLt = self.captions(text_BSLt, text_mask_BSLt)
+        pooled_BSD = self.caption_pool(pooled_BSE)
+        c_BKD = t_emb + jnp.concatenate([pooled_BSD, pooled_BSD], axis=1)
+        # The per-segment conditioning is tiny ([B, 2S, D]) and every ada layer contracts its
         # whole width, so keep that width unsplit. Left as time_mlp2/caption_pool produce it
         # (width over `tensor`), XLA (GSPMD and Shardy alike, jax 0.10.2) mis-partitioned the
         # backward of per_segment(ada(c)) (a gather along S of a matmul with the ada kernel's
         # input axis over `fsdp`, which also splits the batch): c's gradient, hence the time and
         # caption encoders', came out wrong on data x fsdp x tensor meshes.
-        c_BSD = constrain(c_BSD, ("batch", None, None))
+        c_BKD = constrain(c_BKD, ("batch", None, None))
+        row_BL = conditioning_rows(segment_ids_BL, cond_mask_BL, S)
         ctx_BMD = self.caption_proj(text_BSLtE).reshape(B, S * Lt, -1)
         seg_of_caption = jnp.arange(1, S + 1, dtype=jnp.int32)[None, :, None]
         ctx_seg_BM = jnp.where(text_mask_BSLt, seg_of_caption, 0).reshape(B, S * Lt)
         angles = rope_angles(positions_BL3, cfg.width // cfg.num_heads, cfg.rope_theta)
         x = constrain(x, ("batch", "length", "embed"))
-        x = self._run_blocks(x, c_BSD, segment_ids_BL, angles, ctx_BMD, ctx_seg_BM)
-        shift, scale = jnp.split(
-            per_segment(self.final_ada(jax.nn.silu(c_BSD)), segment_ids_BL), 2, -1
-        )
+        x = self._run_blocks(x, c_BKD, row_BL, segment_ids_BL, angles, ctx_BMD, ctx_seg_BM)
+        shift, scale = jnp.split(per_segment(self.final_ada(jax.nn.silu(c_BKD)), row_BL), 2, -1)
         return self.patch_out(modulate(layer_norm(x), shift, scale)).astype(jnp.float32)
 
     def _run_blocks(self, x, *context):
@@ -170,6 +185,16 @@ class DiT(nnx.Module):
             lambda x, state: (_block_fn(self.cfg, graphdef, state)(x, *context), None), x, stacked
         )
         return x
+
+
+def conditioning_rows(segment_ids_BL, cond_mask_BL, num_segments: int) -> jax.Array:
+    """Which row of the [B, 2S] per-segment conditioning each token reads, as a 1-based id for
+    `per_segment`: its segment's t row (k), or its 0 row (S + k) when it is a clean
+    conditioning token. Padding stays 0 (it reads row 1, and is never scored)."""
+    if cond_mask_BL is None:
+        return segment_ids_BL
+    clean = cond_mask_BL & (segment_ids_BL > 0)
+    return segment_ids_BL + num_segments * clean.astype(segment_ids_BL.dtype)
 
 
 def _block_fn(cfg: DiTConfig, graphdef, state):
