@@ -362,36 +362,20 @@ def check_grad_parity(
     B, S = batch["grid"].shape[:2]
     drop = torch.rand(B, S, generator=gen) < 0.3  # some dropped captions, whatever the config
     x_t, t_BS, text_mask, target = flow_inputs(tb, flow_cfg, gen, drop=drop)
-    loss = packed_loss(
-        model(
-            x_t,
-            t_BS,
-            tb["segment_ids"],
-            tb["positions"],
-            tb["text_ids"],
-            text_mask,
-            tb["cond_mask"],
-        ),
-        target,
+    model_inputs = (
+        x_t,
+        t_BS,
         tb["segment_ids"],
+        tb["positions"],
+        tb["text_ids"],
+        text_mask,
         tb["cond_mask"],
-        S,
     )
+    loss = packed_loss(model(*model_inputs), target, tb["segment_ids"], tb["cond_mask"], S)
     loss.backward()
     got = {name: p.grad.numpy() for name, p in model.named_parameters()}
 
-    inputs = [
-        jnp.asarray(x.numpy())
-        for x in (
-            x_t,
-            t_BS,
-            tb["segment_ids"],
-            tb["positions"],
-            tb["text_ids"],
-            text_mask,
-            tb["cond_mask"],
-        )
-    ]
+    inputs = [jnp.asarray(x.numpy()) for x in model_inputs]
 
     def jax_loss(m):
         return flow.packed_loss(

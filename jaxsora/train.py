@@ -236,11 +236,6 @@ def null_text_mask(text_mask: jax.Array) -> jax.Array:
     return jnp.zeros_like(text_mask)
 
 
-def null_text_ids(text: jax.Array) -> jax.Array:
-    """The null caption's ids or embeddings: unchanged, the all-False mask makes it null."""
-    return text
-
-
 def micro_batches(x: jax.Array, k: int) -> jax.Array:
     """[B, ...] -> [k, B/k, ...], micro-batch a holding packs a, a + k, a + 2k, ...
 

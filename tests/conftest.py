@@ -95,3 +95,25 @@ def run_module_result(module: str, *args: str, timeout: int = 600) -> dict:
     if proc.returncode != 0 or not lines:
         pytest.fail(f"{module} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def write_ramp_mp4(path, frames, height, width, phase):
+    """A moving colour ramp, H.264: every frame differs (a wrong frame index shows) and so do
+    clips of another `phase`."""
+    import av
+    import numpy as np
+
+    y, x = np.mgrid[:height, :width]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            img = np.stack(
+                [(x * 9 + 23 * i + phase) % 256, (y * 11 + 5 * i) % 256, np.full_like(x, phase)],
+                -1,
+            ).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)

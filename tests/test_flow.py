@@ -77,38 +77,128 @@ def gaussian_velocity(mu, sigma):
     return v
 
 
+def two_segments(L: int) -> jax.Array:
+    return jnp.concatenate(
+        [jnp.ones((1, L // 2), jnp.int32), 2 * jnp.ones((1, L // 2), jnp.int32)], 1
+    )
+
+
+def gaussian_velocity_fn(mu, sigma, seg):
+    v_exact = gaussian_velocity(mu, sigma)
+    return jax.jit(lambda x, t_BS: v_exact(x, flow.per_segment(t_BS, seg)[..., None]))
+
+
 def test_euler_sampler_turns_noise_into_the_gaussian_target_with_per_segment_schedules():
     mu, sigma = 2.0, 0.5
-    v_exact = gaussian_velocity(mu, sigma)
-    B, L, P = 1, 4000, 4
-    seg = jnp.concatenate(
-        [jnp.ones((B, L // 2), jnp.int32), 2 * jnp.ones((B, L // 2), jnp.int32)], 1
-    )
+    L, P = 4000, 4
+    seg = two_segments(L)
     shift = jnp.array([[1.0, 3.0]])  # each segment follows its own shifted schedule
-
-    def velocity_fn(x, t_BS):
-        return v_exact(x, flow.per_segment(t_BS, seg)[..., None])
-
-    noise = jax.random.normal(jax.random.key(2), (B, L, P))
-    x = flow.euler_sample(velocity_fn, noise, seg, shift, num_steps=200)
+    noise = jax.random.normal(jax.random.key(2), (1, L, P))
+    x = flow.sample(gaussian_velocity_fn(mu, sigma, seg), noise, seg, shift, 200)
     for s in (1, 2):
         xs = np.asarray(x[seg == s])
         assert abs(xs.mean() - mu) < 0.02, xs.mean()
         assert abs(xs.std() - sigma) < 0.02, xs.std()
 
 
-def test_sampler_holds_conditioning_tokens_clean():
+def test_heun_reaches_the_gaussian_target_in_fewer_steps_and_evaluations_than_euler():
+    """For N(mu, sigma^2) data the exact flow maps noise z to mu + sigma z, so every token's
+    error is known; Heun (2nd order) gets within `tol` with far fewer steps, and fewer velocity
+    evaluations even at two per step. Measured (L=512): to max error 0.05 Euler needs 128 steps
+    (128 evaluations), Heun 8 (16)."""
+    mu, sigma, tol = 2.0, 0.3, 0.05
+    L, P = 512, 2
+    seg = two_segments(L)
+    shift = jnp.array([[1.0, 3.0]])
+    velocity_fn = gaussian_velocity_fn(mu, sigma, seg)
+    noise = jax.random.normal(jax.random.key(3), (1, L, P))
+    target = mu + sigma * noise
+
+    def steps_to_tol(solver):
+        errors = {}
+        for n in (2, 4, 8, 16, 32, 64, 128, 256):
+            x = flow.sample(velocity_fn, noise, seg, shift, n, solver=solver)
+            errors[n] = float(jnp.abs(x - target).max())
+            if errors[n] < tol:
+                return n, errors
+        raise AssertionError(f"{solver} never reached {tol}: {errors}")
+
+    euler, euler_errors = steps_to_tol("euler")
+    heun, heun_errors = steps_to_tol("heun")
+    print(f"to max error {tol}: euler {euler} steps = {euler} evaluations {euler_errors}")
+    print(f"to max error {tol}: heun {heun} steps = {2 * heun} evaluations {heun_errors}")
+    assert heun < euler and 2 * heun < euler
+
+
+def test_a_start_below_one_is_exact_and_keeps_the_shifted_schedule():
+    shift = jnp.array([[1.0, 3.0, 3.0]])
+    start = jnp.array([[0.4, 0.4, 1.0]])
+    ts = np.asarray(flow.time_grid(5, shift, start))
+    np.testing.assert_array_equal(ts[0, 0], np.float32([0.4, 0.4, 1.0]))
+    np.testing.assert_array_equal(ts[-1, 0], 0.0)
+    assert (np.diff(ts[:, 0], axis=0) < 0).all()
+    np.testing.assert_allclose(ts[:, 0, 2], flow.time_grid(5, shift)[:, 0, 2], atol=1e-7)
+    # Evenly spaced before the shift: the unshifted times of a start-0.4 grid are linear.
+    u = np.asarray(flow.unshift_time(jnp.asarray(ts[:, 0, 1]), 3.0))
+    np.testing.assert_allclose(np.diff(u), np.diff(u)[0], atol=1e-6)
+    np.testing.assert_allclose(flow.shift_time(flow.unshift_time(0.4, 3.0), 3.0), 0.4, atol=1e-7)
+
+
+def test_a_tokens_step_is_its_own_segments_dt():
+    """v = 1 everywhere: each token moves by exactly its own segment's start time."""
+    seg = jnp.array([[1, 1, 2, 2, 2, 0]])
+    start = jnp.array([[0.3, 0.8]])
+    for solver in flow.SOLVERS:
+        x = flow.sample(
+            lambda x, t: jnp.ones_like(x),
+            jnp.zeros((1, 6, 1)),
+            seg,
+            jnp.array([[1.0, 2.0]]),
+            3,
+            solver=solver,
+            start_BS=start,
+        )
+        np.testing.assert_allclose(x[0, :5, 0], [-0.3, -0.3, -0.8, -0.8, -0.8], atol=1e-6)
+
+
+def test_sampler_holds_conditioning_tokens_clean_before_every_evaluation():
     seg = jnp.ones((1, 6), jnp.int32)
     cond_mask = jnp.array([[True, True, False, False, False, False]])
     clean = jnp.full((1, 6, 2), 7.0)
-    x = flow.euler_sample(
-        lambda x, t: jnp.ones_like(x),
-        jnp.zeros((1, 6, 2)),
-        seg,
-        jnp.ones((1, 1)),
-        4,
-        cond_BLP=clean,
-        cond_mask_BL=cond_mask,
-    )
-    np.testing.assert_array_equal(x[0, :2], 7.0)
-    np.testing.assert_allclose(x[0, 2:], -1.0, atol=1e-6)  # integrated v = 1 from t=1 to 0
+    for solver in flow.SOLVERS:
+        seen = []
+
+        def velocity_fn(x, t, seen=seen):
+            seen.append(np.asarray(x[0, :2]))
+            return jnp.ones_like(x)
+
+        x = flow.sample(
+            velocity_fn,
+            jnp.zeros((1, 6, 2)),
+            seg,
+            jnp.ones((1, 1)),
+            4,
+            solver=solver,
+            clean_BLP=clean,
+            cond_mask_BL=cond_mask,
+        )
+        assert len(seen) == 4 * (2 if solver == "heun" else 1)
+        for held in seen:
+            np.testing.assert_array_equal(held, 7.0)
+        np.testing.assert_array_equal(x[0, :2], 7.0)
+        np.testing.assert_allclose(x[0, 2:], -1.0, atol=1e-6)  # integrated v = 1 from t=1 to 0
+
+
+def test_sampling_stops_when_asked_between_steps():
+    polled = []
+    with np.testing.assert_raises_regex(flow.SamplingInterrupted, "heun step 2 of 3"):
+        flow.sample(
+            lambda x, t: x,
+            jnp.zeros((1, 2, 1)),
+            jnp.ones((1, 2), jnp.int32),
+            jnp.ones((1, 1)),
+            3,
+            solver="heun",
+            should_stop=lambda i: polled.append(i) or i == 1,
+        )
+    assert polled == [0, 1]

@@ -12,7 +12,6 @@ import os
 import re
 import sys
 
-import av
 import jax
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from jaxsora.compression import LatentSpace, VaeMismatchError, make_stage
 from jaxsora.data import pipeline, video
 from jaxsora.data.media import decode_example
 from jaxsora.models.vae import BadShapeError, VAEConfig, VideoVAE
-from tests.conftest import REPO, run_module_result
+from tests.conftest import REPO, run_module_result, write_ramp_mp4
 
 VAE_CFG = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 STATS = ([0.1, -0.2, 0.3, 0.0], [0.5, 1.0, 2.0, 1.5])
@@ -60,23 +59,6 @@ def save_vae(path, seed=0, stats=STATS) -> str:
     return str(path)
 
 
-def write_mp4(path, frames, height, width, phase):
-    """A moving colour ramp, so different clips encode differently."""
-    y, x = np.mgrid[:height, :width]
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            img = np.stack(
-                [(x * 5 + 9 * i + phase) % 256, (y * 7) % 256, np.full_like(x, 40 * phase % 256)],
-                -1,
-            ).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> str:
     return save_vae(tmp_path_factory.mktemp("vae") / "vae")
@@ -94,8 +76,8 @@ def cache_dir(tmp_path_factory, vae_dir) -> str:
     Few pixel shapes on purpose: the encoder compiles once per shape.
     """
     folder = tmp_path_factory.mktemp("media")
-    write_mp4(folder / "clip_a.mp4", 9, 32, 48, phase=0)
-    write_mp4(folder / "clip_b.mp4", 12, 32, 48, phase=3)  # 12 frames: cut to 9 (1 + 4k)
+    write_ramp_mp4(folder / "clip_a.mp4", 9, 32, 48, phase=0)
+    write_ramp_mp4(folder / "clip_b.mp4", 12, 32, 48, phase=3)  # 12 frames: cut to 9 (1 + 4k)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 24, 3), np.uint8)).save(
         folder / "photo.png"
     )

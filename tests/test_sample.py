@@ -1,25 +1,37 @@
 """Sampling at any size: mixed requests in one packed pass come back in their requested shapes."""
 
+import dataclasses
+import functools
 import re
 import zlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from PIL import Image
 
 from jaxsora import sample
 from jaxsora.compression import make_stage
 from jaxsora.data import packing
+from jaxsora.diffusion import flow
 from jaxsora.models.dit import make_model
 from jaxsora.models.tokenizer import caption_words, tokenize
-from jaxsora.train import dit_config, null_text_ids, null_text_mask
+from jaxsora.train import dit_config, null_text_mask
 from tests.conftest import randomize_params, runlocal_config
 
 
-@pytest.fixture(scope="module")
-def model_and_config(tmp_path_factory):
-    config = runlocal_config(str(tmp_path_factory.mktemp("unused")))
+@functools.cache
+def shared_model_and_config():
+    """One randomized runlocal model for every sampling test module: the jitted sampler's
+    compilations are kept between modules only for the same model."""
+    config = runlocal_config("unused")  # the data dir is never read
     return randomize_params(make_model(dit_config(config), seed=0), scale=0.05), config
+
+
+@pytest.fixture(scope="module")
+def model_and_config():
+    return shared_model_and_config()
 
 
 def test_mixed_sizes_in_one_call_have_the_requested_shapes(model_and_config):
@@ -53,33 +65,40 @@ def test_a_request_alone_and_packed_with_others_gives_the_same_video(model_and_c
 def test_guidance_extrapolates_from_the_unconditional_to_the_conditional_velocity(
     model_and_config,
 ):
-    """One Euler step at guidance g moves by v_uncond + g (v_cond - v_uncond): g=1 is the
-    conditional model alone, g=0 the unconditional one, and the caption makes them differ."""
+    """The guided velocity at guidance g is v_uncond + g (v_cond - v_uncond): g=1 is the
+    conditional model alone, g=0 the unconditional one, and the caption makes them differ; one
+    Euler step of flow.solver_step moves by dt times it."""
     model, config = model_and_config
     r = sample.Request("a red circle moving left", frames=2, height=8, width=12, seed=1)
     example = sample.request_example(r, config, model.cfg.patch_dim, make_stage(config.model))
-    shape = packing.PackShape(64, 2, model.cfg.patch_dim, config.model.text_len)
+    shape = packing.PackShape(  # generate's pack shape: its compiled velocity is reused
+        config.sample.seq_len, config.data.max_segments, model.cfg.patch_dim, config.model.text_len
+    )
     batch = {
         k: jnp.asarray(v)
         for k, v in packing.stack_packs([packing.build_pack([example], shape)]).items()
     }
-    t, t_next = jnp.full((1, 2), 0.7), jnp.full((1, 2), 0.6)
+    S = config.data.max_segments
+    t, t_next = jnp.full((1, S), 0.7), jnp.full((1, S), 0.6)
     x = batch["tokens"]
-    step = {
-        g: np.asarray(sample.euler_step(model, batch, x, t, t_next, g)) for g in (0.0, 1.0, 3.0)
-    }
-    args = (batch["segment_ids"], batch["positions"])
-    v_cond = model(x, t, *args, batch["text_ids"], batch["text_mask"])
-    v_uncond = model(
-        x, t, *args, null_text_ids(batch["text_ids"]), null_text_mask(batch["text_mask"])
+    v = {g: np.asarray(sample.guided_velocity(model, batch, x, t, g)) for g in (0.0, 1.0, 3.0)}
+    call = nnx.jit(
+        lambda m, ids, mask: m(x, t, batch["segment_ids"], batch["positions"], ids, mask)
     )
+    v_cond = call(model, batch["text_ids"], batch["text_mask"])
+    v_uncond = call(model, batch["text_ids"], null_text_mask(batch["text_mask"]))
     live = np.asarray(batch["segment_ids"][0] > 0)
-    for g, v in ((1.0, v_cond), (0.0, v_uncond)):
-        expected = np.asarray(x - 0.1 * v)
-        np.testing.assert_allclose(step[g][0, live], expected[0, live], atol=1e-5)
-    assert np.abs(step[1.0] - step[0.0])[0, live].max() > 1e-3, "the caption must matter"
+    for g, expected in ((1.0, v_cond), (0.0, v_uncond)):
+        np.testing.assert_allclose(v[g][0, live], np.asarray(expected)[0, live], atol=1e-5)
+    assert np.abs(v[1.0] - v[0.0])[0, live].max() > 1e-3, "the caption must matter"
     np.testing.assert_allclose(
-        (step[3.0] - step[1.0])[0, live], 2 * (step[1.0] - step[0.0])[0, live], atol=1e-5
+        (v[3.0] - v[1.0])[0, live], 2 * (v[1.0] - v[0.0])[0, live], atol=1e-5
+    )
+    step = flow.solver_step(
+        lambda x, t: jnp.asarray(v[3.0]), x, t, t_next, batch["segment_ids"], "euler"
+    )
+    np.testing.assert_allclose(
+        np.asarray(step)[0, live], np.asarray(x - 0.1 * v[3.0])[0, live], atol=1e-5
     )
 
 
@@ -98,7 +117,7 @@ def test_sampling_polls_for_preemption_every_step(model_and_config):
         return step == 2
 
     r = sample.Request("a red circle", frames=1, height=8, width=8)
-    with pytest.raises(sample.SamplingInterrupted, match="step 3 of 5"):
+    with pytest.raises(sample.SamplingInterrupted, match="euler step 3 of 5"):
         sample.generate(model, config, [r], steps=5, guidance=1.0, should_stop=stop_at_third)
     assert polled == [0, 1, 2]
 
@@ -207,3 +226,19 @@ def test_non_ascii_words_are_read_not_dropped():
     ids, _ = tokenize("un café", 8, 2048)
     assert ids[2] != tokenize("un caf", 8, 2048)[0][2]
     assert (tokenize("红色的猫", 8, 2048)[1]).sum() == 5  # start + 4 words
+
+
+def test_a_run_with_a_frozen_text_encoder_samples_from_its_embeddings(tmp_path):
+    """text.encoder=minilm: prompts are embedded by MiniLM (the pack carries text_emb), an
+    image prompt is held exactly, and the prompt steers the sample."""
+    config = runlocal_config("unused", "runlocal,text=minilm")
+    model = randomize_params(make_model(dit_config(config), seed=0), scale=0.05)
+    assert model.cfg.text_embed_dim == 384
+    image = np.random.default_rng(0).integers(0, 256, (8, 12, 3), np.uint8)
+    Image.fromarray(image).save(tmp_path / "still.png")
+    r = sample.Request("a red circle", 3, 8, 12, image=str(tmp_path / "still.png"), seed=2)
+    out = sample.generate(
+        model, config, [r, dataclasses.replace(r, prompt="a blue cross")], steps=2, guidance=2.0
+    )
+    np.testing.assert_allclose(out[0][0], image / 255.0, atol=1e-5)
+    assert np.abs(out[0][1:] - out[1][1:]).max() > 1e-3, "the prompt must matter"

@@ -114,10 +114,46 @@ def packed_loss(
     return loss, {"loss": loss, "segments": sums["segments"]}
 
 
-def time_grid(num_steps: int, shift_BS: jax.Array) -> jax.Array:
-    """Per-segment sampling times [num_steps + 1, B, S], from 1 (noise) down to 0 (data)."""
-    t = jnp.linspace(1.0, 0.0, num_steps + 1)
-    return shift_time(t[:, None, None], shift_BS[None])
+SOLVERS = ("euler", "heun")  # velocity evaluations per step: 1 and 2
+
+
+class SamplingInterrupted(RuntimeError):
+    """`should_stop` asked the sampling loop to stop (preemption): the batch is abandoned."""
+
+
+def unshift_time(t: jax.Array, shift: jax.Array) -> jax.Array:
+    """Inverse of `shift_time`: the unshifted time u with shift_time(u, shift) == t."""
+    return t / (shift - (shift - 1.0) * t)
+
+
+def time_grid(num_steps: int, shift_BS: jax.Array, start_BS: jax.Array | None = None) -> jax.Array:
+    """Per-segment sampling times [num_steps + 1, B, S], from `start_BS` (default 1, noise)
+    down to 0 (data).
+
+    A start below 1 (SDEdit) keeps the resolution shift's shape: the unshifted start
+    u0 = unshift_time(start, shift) is found first, num_steps even steps go from u0 to 0, and
+    each is shifted, so the first time is exactly `start` and the steps crowd towards noise as a
+    full schedule of that segment's size would. All num_steps steps are spent on [0, start]
+    (rather than skipping the first (1 - start) share of a full grid): an edit at steps=N costs
+    N model evaluations, like any other request in its pack.
+    """
+    u = jnp.linspace(1.0, 0.0, num_steps + 1)[:, None, None]
+    if start_BS is not None:
+        u = u * unshift_time(jnp.asarray(start_BS, jnp.float32), shift_BS)[None]
+    t = shift_time(u, shift_BS[None])
+    if start_BS is not None:  # exactly the requested start, whatever the rounding
+        t = t.at[0].set(jnp.broadcast_to(start_BS, t.shape[1:]))
+    return t
+
+
+_time_grid = jax.jit(time_grid, static_argnums=0)
+
+
+def clamp(x_BLP: jax.Array, clean_BLP: jax.Array | None, cond_mask_BL: jax.Array | None):
+    """Conditioning tokens held at their clean values (image-to-video, extension, loops)."""
+    if cond_mask_BL is None:
+        return x_BLP
+    return jnp.where(cond_mask_BL[..., None], clean_BLP, x_BLP)
 
 
 def euler_update(x_BLP, v_BLP, t_BS, t_next_BS, segment_ids_BL) -> jax.Array:
@@ -126,29 +162,77 @@ def euler_update(x_BLP, v_BLP, t_BS, t_next_BS, segment_ids_BL) -> jax.Array:
     return x_BLP - dt_BL[..., None] * v_BLP
 
 
-def euler_sample(
+def solver_step(
     velocity_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    noise_BLP: jax.Array,
+    x_BLP: jax.Array,
+    t_BS: jax.Array,
+    t_next_BS: jax.Array,
+    segment_ids_BL: jax.Array,
+    solver: str = "euler",
+    clean_BLP: jax.Array | None = None,
+    cond_mask_BL: jax.Array | None = None,
+) -> jax.Array:
+    """x at t -> x at t_next for one solver, tokens in `cond_mask_BL` held at `clean_BLP`
+    before every velocity evaluation and in the result; a token's dt is its segment's.
+
+    euler: x - dt v(x, t). heun (2nd order, 2 evaluations): v1 = v(x, t), x' = x - dt v1,
+    v2 = v(x', t_next), x - dt (v1 + v2) / 2. Heun takes its correction on the last step too:
+    t_next = 0 is a valid time for rectified flow (the velocity there is E[noise] - x0).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver {solver!r} is not one of {SOLVERS}")
+    x = _clamp(x_BLP, clean_BLP, cond_mask_BL)
+    v1 = velocity_fn(x, t_BS)
+    x_euler = _update(x, v1, t_BS, t_next_BS, segment_ids_BL, clean_BLP, cond_mask_BL)
+    if solver == "euler":
+        return x_euler
+    v2 = velocity_fn(x_euler, t_next_BS)
+    return _update(x, v1, t_BS, t_next_BS, segment_ids_BL, clean_BLP, cond_mask_BL, v2)
+
+
+@jax.jit
+def _clamp(x_BLP, clean_BLP, cond_mask_BL):
+    return clamp(x_BLP, clean_BLP, cond_mask_BL)
+
+
+@jax.jit
+def _update(x, v1, t_BS, t_next_BS, segment_ids_BL, clean_BLP, cond_mask_BL, v2=None):
+    """The clamped Euler step with v1, or with (v1 + v2) / 2 (Heun's), as one compiled call:
+    the host loop's arithmetic op by op would compile each op once per shape."""
+    v = v1 if v2 is None else 0.5 * (v1 + v2)
+    return clamp(euler_update(x, v, t_BS, t_next_BS, segment_ids_BL), clean_BLP, cond_mask_BL)
+
+
+def sample(
+    velocity_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x_BLP: jax.Array,
     segment_ids_BL: jax.Array,
     shift_BS: jax.Array,
     num_steps: int,
-    cond_BLP: jax.Array | None = None,
+    *,
+    solver: str = "euler",
+    start_BS: jax.Array | None = None,
+    clean_BLP: jax.Array | None = None,
     cond_mask_BL: jax.Array | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> jax.Array:
-    """Integrates dx/dt = v(x, t) from t=1 to t=0 with each segment on its own shifted schedule.
+    """Integrates dx/dt = v(x, t) from each segment's start (1 by default) to t=0, each segment
+    on its own shifted schedule (`time_grid`). The one sampling loop: sample.py and the tests
+    use it.
 
-    `velocity_fn(x_BLP, t_BS)` returns the velocity; tokens in `cond_mask_BL` are held at their
-    clean values `cond_BLP` (image-to-video, extension).
+    `x_BLP` is the state at the start times: noise, or for SDEdit segments the source noised to
+    their start. `velocity_fn(x_BLP, t_BS)` is the (guided) model, jitted by the caller; the loop
+    runs on the host, step by step, so `should_stop(step)` is polled before every step (a
+    preemption notice) and True abandons the batch with SamplingInterrupted.
     """
-    ts = time_grid(num_steps, shift_BS)
-
-    def clamp(x):
-        if cond_mask_BL is None:
-            return x
-        return jnp.where(cond_mask_BL[..., None], cond_BLP, x)
-
-    def step(x, i):
-        return euler_update(x, velocity_fn(clamp(x), ts[i]), ts[i], ts[i + 1], segment_ids_BL), None
-
-    x, _ = jax.lax.scan(step, noise_BLP, jnp.arange(num_steps))
-    return clamp(x)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver {solver!r} is not one of {SOLVERS}")
+    ts = _time_grid(num_steps, shift_BS, start_BS)
+    x = x_BLP
+    for i in range(num_steps):
+        if should_stop is not None and should_stop(i):
+            raise SamplingInterrupted(f"stopped before {solver} step {i + 1} of {num_steps}")
+        x = solver_step(
+            velocity_fn, x, ts[i], ts[i + 1], segment_ids_BL, solver, clean_BLP, cond_mask_BL
+        )
+    return _clamp(x, clean_BLP, cond_mask_BL)
