@@ -10,7 +10,7 @@ SAMPLES ?= experiments/samples_tiny.jsonl
 VAE_WORKDIR ?= runs/vae
 LATENT_WORKDIR ?= runs/latent
 
-.PHONY: install data train train-latent sample test lint bench clean
+.PHONY: install data train train-latent sample sample-modes test lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ train-latent: data
 
 sample: install
 	$(PY) -m jaxsora.sample --workdir $(WORKDIR) --requests $(SAMPLES)
+
+# Every prompting mode (image, extend both ways, connect, loop, edit) on the run's checkpoint,
+# prompted with validation clips it never trained on: outputs in $(WORKDIR)/samples/modes.
+sample-modes: data
+	$(PY) -m data_pipelines.export_clips --data_dir $(DATA_DIR) --out $(WORKDIR)/prompt_media
+	$(PY) -m jaxsora.sample --workdir $(WORKDIR) --requests experiments/samples_modes_tiny.jsonl \
+		--out_dir $(WORKDIR)/samples/modes
 
 test: install
 	$(PY) -m pytest -n 2 --durations=15
