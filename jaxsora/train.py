@@ -117,6 +117,8 @@ DIT_CHECKS = (
     config_checks.integer("optim.accum_steps", 1, optional=True),
     config_checks.integer("sample.steps", 1),
     config_checks.integer("sample.seq_len", 1),
+    config_checks.number("sample.image_guidance", 0.0, optional=True),
+    config_checks.one_of("sample.solver", flow.SOLVERS, optional=True),
 )
 
 
@@ -160,6 +162,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not ok:
             raise ValueError(f"bad config: {message}")
     make_stage(m)  # an unknown stage or a bad model.vae_dir fails here, naming the field
+    captions.embedding_dim(captions.text_spec(config))  # and a frozen encoder that won't load
 
 
 def create_train_state(config, mesh, rules) -> TrainState:

@@ -83,6 +83,9 @@ DIT_FIELD_CASES = [
     ("optim.accum_steps", 0, "an integer >= 1"),
     ("sample.steps", 0, "an integer >= 1"),
     ("sample.seq_len", 0, "an integer >= 1"),
+    ("sample.solver", "rk4", "one of ('euler', 'heun')"),
+    ("sample.image_guidance", -1.0, "a number >= 0"),
+    ("text.encoder", "clip", "one of ('hashed', 'minilm', 't5', 'umt5')"),
 ]
 
 
@@ -114,6 +117,18 @@ def test_no_sources_or_a_nameless_or_weightless_source_is_refused(sources, expec
     vae = vae_tiny.get_config("runlocal")
     vae.data.sources = sources
     assert_one_line_error(train_vae.validate, vae, expected)
+
+
+def test_a_t5_encoder_without_its_checkpoint_and_a_bad_task_mix_fail_in_validate(tmp_path):
+    config = runlocal_config("unused", "runlocal,text=t5")
+    with pytest.raises(ValueError, match="text.encoder='t5' needs text.checkpoint"):
+        trainer.validate(config)
+    config.text.checkpoint = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json: no such file; text.checkpoint"):
+        trainer.validate(config)
+    config = runlocal_config("unused")
+    config.data.tasks = dict(t2v=1.0, i2v_first=1.0)
+    assert_one_line_error(trainer.validate, config, "bad config: data.tasks: unknown task")
 
 
 @pytest.mark.parametrize(

@@ -52,16 +52,18 @@ def check_weights(weights: Mapping[str, float] | None, field: str = "data.tasks"
         return
     if not hasattr(weights, "items"):
         raise ValueError(
-            f"config {field}={weights!r} must be a dict of task name -> weight, e.g. "
+            f"bad config: {field}={weights!r} must be a dict of task name -> weight, e.g. "
             "dict(t2v=0.6, i2v_head=0.2, extend_forward=0.2)"
         )
     for name, w in weights.items():
         if name not in TASKS:
-            raise ValueError(f"config {field}: unknown task {name!r}; the tasks are {TASKS}")
+            raise ValueError(f"bad config: {field}: unknown task {name!r}; the tasks are {TASKS}")
         if isinstance(w, bool) or not isinstance(w, int | float) or not w >= 0:
-            raise ValueError(f"config {field}.{name}={w!r} must be a number >= 0")
+            raise ValueError(f"bad config: {field}.{name}={w!r} must be a number >= 0")
     if not sum(weights.values()) > 0:
-        raise ValueError(f"config {field}: the weights sum to 0; give at least one task weight > 0")
+        raise ValueError(
+            f"bad config: {field}: the weights sum to 0; give at least one task weight > 0"
+        )
 
 
 def normalized(weights: Mapping[str, float] | None) -> tuple[tuple[str, float], ...]:
