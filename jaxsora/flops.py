@@ -71,21 +71,24 @@ class StepFlops:
         return StepFlops(self.model + other.model, self.hardware + other.hardware)
 
 
-def forward_parts(cfg: DiTConfig, w: Work) -> dict[str, float]:
-    """Matmul FLOPs of one forward pass by part (2 FLOPs per multiply-add)."""
+def forward_parts(
+    cfg: DiTConfig, w: Work, times_per_segment: int = TIMES_PER_SEGMENT
+) -> dict[str, float]:
+    """Matmul FLOPs of one forward pass by part (2 FLOPs per multiply-add). `times_per_segment`
+    = 1 is the model without per-token time (what it costs: `per_token_time_flops`)."""
     D, Dt, P, depth = cfg.width, cfg.text_width, cfg.patch_dim, cfg.depth
     hidden = int(cfg.mlp_ratio * D)
     per_block_token = 2 * 4 * D * D + 2 * 2 * D * D + 2 * 2 * D * hidden  # self qkvo, cross qo, MLP
     per_block = (
         w.tokens * per_block_token
         + w.caption_tokens * 2 * 2 * D * D  # cross-attention keys and values
-        + TIMES_PER_SEGMENT * w.segments * 2 * D * 6 * D  # adaLN modulation
+        + times_per_segment * w.segments * 2 * D * 6 * D  # adaLN modulation
     )
     attention = 2 * 2 * D * (w.self_pairs + w.cross_pairs)  # scores and weighted values, all heads
     caption_layer = w.caption_tokens * (2 * 4 * Dt * Dt + 2 * 2 * Dt * 4 * Dt)
     return {
         "patch_in": w.tokens * 2 * P * D,
-        "time_mlp1": TIMES_PER_SEGMENT * w.segments * 2 * TIME_FEATURES * D,
+        "time_mlp1": times_per_segment * w.segments * 2 * TIME_FEATURES * D,
         "blocks_dense": depth * per_block,
         "blocks_attention": depth * attention,
         # a frozen encoder's embeddings projected in (its own FLOPs are not the DiT's: it
@@ -94,14 +97,16 @@ def forward_parts(cfg: DiTConfig, w: Work) -> dict[str, float]:
         + cfg.text_depth * (caption_layer + 2 * 2 * Dt * w.caption_pairs)
         + w.caption_tokens * 2 * Dt * D,
         # time_mlp2 and the final adaLN per time, caption_pool once per segment
-        "conditioning": w.segments * (TIMES_PER_SEGMENT * (2 * D * D + 2 * D * 2 * D) + 2 * Dt * D),
+        "conditioning": w.segments * (times_per_segment * (2 * D * D + 2 * D * 2 * D) + 2 * Dt * D),
         "patch_out": w.tokens * 2 * D * P,
     }
 
 
-def step_flops(cfg: DiTConfig, w: Work, remat: str = "none") -> float:
+def step_flops(
+    cfg: DiTConfig, w: Work, remat: str = "none", times_per_segment: int = TIMES_PER_SEGMENT
+) -> float:
     """Forward + backward FLOPs of a train step over `w`, with what `remat` recomputes."""
-    parts = forward_parts(cfg, w)
+    parts = forward_parts(cfg, w, times_per_segment)
     total = 3 * sum(parts.values()) - parts["patch_in"] - parts["time_mlp1"]
     if remat == "full":  # the whole block runs forward again in the backward pass
         total += parts["blocks_dense"] + parts["blocks_attention"]
@@ -171,6 +176,18 @@ def train_step_flops(cfg: DiTConfig, batch: dict) -> StepFlops:
     return StepFlops(
         model=step_flops(cfg, model_work(seg, text_mask)),
         hardware=step_flops(cfg, hardware_work(seg, text_mask, cfg.attention), cfg.remat),
+    )
+
+
+def per_token_time_flops(cfg: DiTConfig, batch: dict) -> StepFlops:
+    """What per-token time adds to a train step on `batch`: the per-segment layers run for t
+    and for 0, against a model with one time per segment."""
+    seg, text_mask = batch["segment_ids"], batch["text_mask"]
+    model, hardware = model_work(seg, text_mask), hardware_work(seg, text_mask, cfg.attention)
+    return StepFlops(
+        model=step_flops(cfg, model) - step_flops(cfg, model, times_per_segment=1),
+        hardware=step_flops(cfg, hardware, cfg.remat)
+        - step_flops(cfg, hardware, cfg.remat, times_per_segment=1),
     )
 
 

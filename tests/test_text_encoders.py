@@ -251,7 +251,7 @@ def test_t5_text_encoder_end_to_end(tmp_path):
     assert np.abs(emb - ref)[mask].max() < TOL
     with pytest.raises(ValueError, match=r"text\.checkpoint"):
         encoders.load_text_encoder("t5", None, 8)
-    with pytest.raises(ValueError, match="model_type='t5' but text.kind='umt5'"):
+    with pytest.raises(ValueError, match="model_type='t5' but text.encoder='umt5'"):
         encoders.load_text_encoder("umt5", folder, 8)
 
 
