@@ -33,9 +33,9 @@ from flax import nnx
 from benchmarks.common import json_stdout, load_average, machine_info
 from jaxsora import quality
 from jaxsora.data import vae_data
-from jaxsora.export import load_vae_dir
 from jaxsora.models.vae import CausalContext
 from jaxsora.train_vae import evaluate, make_reconstruct_fn
+from jaxsora.vae_dir import load_vae_dir
 from jaxsora.vae_inference import Tiling, VaeCodec
 
 LATENT_FRAMES = (2, 4, 8, 16)

@@ -270,9 +270,11 @@ def _dir_stamp(path: str) -> tuple:
 def _load_latent_space(vae_dir: str, stamp: tuple) -> LatentSpace:
     del stamp  # part of the cache key only
     try:
-        from jaxsora.export import load_vae_dir
+        from jaxsora.vae_dir import load_vae_dir
     except ImportError as e:  # the VAE export module is part of the latent-space feature
-        raise ImportError(f"model.compression='vae' needs jaxsora.export.load_vae_dir ({e})") from e
+        raise ImportError(
+            f"model.compression='vae' needs jaxsora.vae_dir.load_vae_dir ({e})"
+        ) from e
     try:
         model, mean, std = load_vae_dir(vae_dir)
     except Exception as e:  # a half-written or foreign directory fails in many ways
@@ -285,7 +287,7 @@ def _load_latent_space(vae_dir: str, stamp: tuple) -> LatentSpace:
             f"config model.vae_dir={vae_dir!r} holds a VAE without latents_mean/latents_std "
             "(the VAE trainer measures them when it finishes); the DiT needs them to normalise "
             f"its latents: finish the VAE's training or re-save it with statistics "
-            f"(jaxsora.export.save_vae_dir(model, (mean, std), dir)); {TRAIN_VAE_HINT}"
+            f"(jaxsora.vae_dir.save_vae_dir(model, (mean, std), dir)); {TRAIN_VAE_HINT}"
         )
     return LatentSpace(model, mean, std, vae_dir)
 

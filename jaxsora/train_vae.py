@@ -33,8 +33,6 @@ from jaxsora import config_checks, quality, sharding, vae_losses
 from jaxsora.checkpointing import Checkpointer, abstract_like, resume_check
 from jaxsora.data import pipeline, prefetch, vae_data
 from jaxsora.distributed import PreemptionWatch, initialize
-from jaxsora.export import CONFIG_FILE as VAE_CONFIG_FILE
-from jaxsora.export import save_vae_dir
 from jaxsora.metrics import MetricsWriter
 from jaxsora.models.vae import VAEConfig, VideoVAE, make_vae, vae_config_from_dict
 from jaxsora.training import (
@@ -44,6 +42,8 @@ from jaxsora.training import (
     memory_summary,
     quiet_orbax_info_logs,
 )
+from jaxsora.vae_dir import CONFIG_FILE as VAE_CONFIG_FILE
+from jaxsora.vae_dir import save_vae_dir
 
 
 class VaeTrainState(nnx.Module):

@@ -53,7 +53,7 @@ def random_vae(seed: int) -> VideoVAE:
 
 
 def save_vae(path, seed=0, stats=STATS) -> str:
-    from jaxsora.export import save_vae_dir
+    from jaxsora.vae_dir import save_vae_dir
 
     save_vae_dir(random_vae(seed), stats, str(path))
     return str(path)

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 
-from jaxsora.text import bert, encoders, t5, weights  # noqa: E402
+from jaxsora.export import tables  # noqa: E402
+from jaxsora.text import bert, encoders, t5  # noqa: E402
 from jaxsora.text.tokenize import CaptionTokenizer  # noqa: E402
 
 TOL = 1e-4  # float32 through 6 BERT / 2 T5 layers: measured ~1e-6, see the module docstring
@@ -167,7 +168,7 @@ def _t5_error(folder: str, kind: str = "t5", umt5: bool = False) -> float:
 @pytest.mark.parametrize("kind,ff", [("t5", "relu"), ("t5", "gated-gelu"), ("umt5", "gated-gelu")])
 def test_t5_matches_transformers(tmp_path, kind, ff):
     folder = _t5_folder(tmp_path, ff, umt5=kind == "umt5")
-    names = weights.read_shapes(folder)
+    names = tables.read_shapes(folder)
     bias_keys = [k for k in names if "relative_attention_bias" in k]
     assert len(bias_keys) == (2 if kind == "umt5" else 1)  # T5: block 0 only, shared
     err = _t5_error(folder, kind, umt5=kind == "umt5")
@@ -199,7 +200,7 @@ def test_t5_full_seq2seq_file_and_embedding_alias(tmp_path):
     from safetensors.numpy import save_file
 
     full = _t5_folder(tmp_path, "gated-gelu", full=True)
-    found = weights.read_shapes(full)
+    found = tables.read_shapes(full)
     assert any(k.startswith("decoder.") for k in found)
     _, _, p_full, _ = encoders.load_params("t5", full)
     ids, mask = _t5_batch()
@@ -208,7 +209,7 @@ def test_t5_full_seq2seq_file_and_embedding_alias(tmp_path):
 
     alias = tmp_path / "alias"
     alias.mkdir()
-    tensors = weights.load_safetensors(full)
+    tensors = tables.load_safetensors(full)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(t5.UNUSED_PREFIXES)}
     tensors[t5.EMBED_ALIAS] = tensors.pop(t5.EMBED_KEY)
     save_file(tensors, str(alias / "model.safetensors"))
@@ -263,12 +264,12 @@ def test_weight_table_error_lists_every_problem(tmp_path):
     from safetensors.numpy import save_file
 
     folder = _t5_folder(tmp_path, "relu")
-    tensors = weights.load_safetensors(folder)
+    tensors = tables.load_safetensors(folder)
     del tensors["encoder.block.1.layer.0.SelfAttention.k.weight"]  # missing
     tensors["encoder.block.0.layer.0.SelfAttention.bias"] = np.zeros(3, np.float32)  # extra
     tensors["encoder.final_layer_norm.weight"] = np.ones(63, np.float32)  # misshapen
     save_file(tensors, os.path.join(folder, "model.safetensors"))
-    with pytest.raises(weights.WeightTableError) as e:
+    with pytest.raises(tables.WeightTableError) as e:
         encoders.load_params("t5", folder)
     msg = str(e.value)
     print("\n" + msg)
@@ -280,20 +281,20 @@ def test_weight_table_error_lists_every_problem(tmp_path):
     assert "Fix:" in msg
 
     # The generic check: optional keys are allowed, but their shapes are still checked.
-    weights.check_table({"a": (2,), "pos": (1, 4)}, {"a": (2,)}, "f", optional={"pos": (1, 4)})
-    with pytest.raises(weights.WeightTableError, match=r"pos .*\(1, 5\)"):
-        weights.check_table({"a": (2,), "pos": (1, 5)}, {"a": (2,)}, "f", optional={"pos": (1, 4)})
+    tables.check_table({"a": (2,), "pos": (1, 4)}, {"a": (2,)}, "f", optional={"pos": (1, 4)})
+    with pytest.raises(tables.WeightTableError, match=r"pos .*\(1, 5\)"):
+        tables.check_table({"a": (2,), "pos": (1, 5)}, {"a": (2,)}, "f", optional={"pos": (1, 4)})
 
 
 def test_minilm_table_allows_position_ids_and_pooler(minilm):
     with open(os.path.join(minilm.checkpoint, "config.json")) as f:
         cfg = bert.BertConfig.from_dict(json.load(f))
-    found = weights.read_shapes(minilm.checkpoint)
+    found = tables.read_shapes(minilm.checkpoint)
     assert "embeddings.position_ids" in found and "pooler.dense.weight" in found
     optional = bert.optional_shapes(cfg)
-    weights.check_table(found, bert.expected_shapes(cfg), "minilm", optional=optional)
+    tables.check_table(found, bert.expected_shapes(cfg), "minilm", optional=optional)
     without = {k: v for k, v in found.items() if k not in optional}
-    weights.check_table(without, bert.expected_shapes(cfg), "minilm", optional=optional)
+    tables.check_table(without, bert.expected_shapes(cfg), "minilm", optional=optional)
     assert len(bert.expected_shapes(cfg)) == 5 + 6 * 16
 
 
@@ -301,17 +302,17 @@ def test_pickle_files_are_refused(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     path.write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(ValueError, match="pickle files are refused.*convert to safetensors"):
-        weights.load_safetensors(str(path))
+        tables.load_safetensors(str(path))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: pickle files are refused"):
-        weights.weight_files(str(tmp_path))
+        tables.weight_files(str(tmp_path))
 
 
 def test_sharded_checkpoint(tmp_path):
     from safetensors.numpy import save_file
 
     folder = _t5_folder(tmp_path, "relu")
-    tensors = weights.load_safetensors(folder)
+    tensors = tables.load_safetensors(folder)
     os.remove(os.path.join(folder, "model.safetensors"))
     keys = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": keys[::2]}
@@ -322,17 +323,17 @@ def test_sharded_checkpoint(tmp_path):
         "metadata": {"total_size": sum(int(v.nbytes) for v in tensors.values())},
         "weight_map": {k: name for name, ks in shards.items() for k in ks},
     }
-    with open(os.path.join(folder, weights.INDEX_FILE), "w") as f:
+    with open(os.path.join(folder, tables.INDEX_FILE), "w") as f:
         json.dump(index, f)
-    assert weights.weight_files(folder) == [os.path.join(folder, n) for n in sorted(shards)]
-    loaded = weights.load_safetensors(folder)
+    assert tables.weight_files(folder) == [os.path.join(folder, n) for n in sorted(shards)]
+    loaded = tables.load_safetensors(folder)
     assert set(loaded) == set(tensors)
     for k in keys:
         np.testing.assert_array_equal(loaded[k], tensors[k])
     assert _t5_error(folder) < TOL
     os.remove(os.path.join(folder, "model-00002-of-00002.safetensors"))
     with pytest.raises(FileNotFoundError, match="shard"):
-        weights.weight_files(folder)
+        tables.weight_files(folder)
 
 
 def test_tokenizer_needs_the_file(tmp_path):

@@ -218,7 +218,7 @@ def metrics(workdir):
 
 @pytest.mark.slow
 def test_vae_resume_in_a_fresh_process_matches_the_uninterrupted_run_bitwise(data_dir, tmp_path):
-    from jaxsora.export import load_vae_dir
+    from jaxsora.vae_dir import load_vae_dir
 
     cache = str(tmp_path / "jax_cache")
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -291,7 +291,7 @@ def test_the_adversarial_flag_trains_a_discriminator_beside_the_vae(data_dir):
 def test_the_vae_export_is_atomic_and_a_partial_one_counts_as_absent(model, tmp_path, monkeypatch):
     """A crash mid-export once left a `vae/` that every rerun took for a finished export."""
     from jaxsora import train_vae
-    from jaxsora.export import CONFIG_FILE, load_vae_dir
+    from jaxsora.vae_dir import CONFIG_FILE, load_vae_dir
 
     workdir = str(tmp_path)
     real_save = train_vae.save_vae_dir

@@ -21,7 +21,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from jaxsora import export  # noqa: E402
+from jaxsora import vae_dir as vae_format  # noqa: E402
+from jaxsora.export import __main__ as export_cli  # noqa: E402
+from jaxsora.export import vae as export  # noqa: E402
 from jaxsora.models.vae import VAEConfig  # noqa: E402
 
 # Measured on CPU, float32, both configs, video and images: posterior mean and log-variance
@@ -318,7 +320,7 @@ def test_export_round_trip_is_bitwise(wan):
 @pytest.mark.slow
 def test_cli_round_trip(small, tmp_path):
     vae_dir = str(tmp_path / "vae")
-    export.main(
+    export_cli.main(
         [
             "import-vae",
             "--safetensors",
@@ -329,22 +331,22 @@ def test_cli_round_trip(small, tmp_path):
             vae_dir,
         ]
     )
-    with open(os.path.join(vae_dir, export.CONFIG_FILE)) as f:
+    with open(os.path.join(vae_dir, vae_format.CONFIG_FILE)) as f:
         saved = json.load(f)
     assert saved["latents_mean"] == list(small.latents_mean)
     assert saved["z_dim"] == 4 and saved["temporal_downsample"] == [False, True, True]
 
-    model, mean, std = export.load_vae_dir(vae_dir)
+    model, mean, std = vae_format.load_vae_dir(vae_dir)
     assert model.cfg == small.cfg and (mean, std) == (small.latents_mean, small.latents_std)
     a, b = _params(small.model), _params(model)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    bf16, _, _ = export.load_vae_dir(vae_dir, dtype="bfloat16")  # compute dtype only
+    bf16, _, _ = vae_format.load_vae_dir(vae_dir, dtype="bfloat16")  # compute dtype only
     assert bf16.cfg.dtype == "bfloat16" and bf16.encoder.conv_in.kernel[...].dtype == jnp.float32
 
     # Export to a bare file, and to a folder that diffusers loads as it is.
     out_file, out_dir = str(tmp_path / "out.safetensors"), str(tmp_path / "hf")
-    export.main(["export-vae", "--vae_dir", vae_dir, "--out", out_file])
-    export.main(["export-vae", "--vae_dir", vae_dir, "--out", out_dir])
+    export_cli.main(["export-vae", "--vae_dir", vae_dir, "--out", out_file])
+    export_cli.main(["export-vae", "--vae_dir", vae_dir, "--out", out_dir])
     back = load_file(out_file)
     assert back.keys() == small.state_dict.keys()
     assert all(np.array_equal(back[k], small.state_dict[k]) for k in back)
@@ -355,13 +357,13 @@ def test_cli_round_trip(small, tmp_path):
 
     # A second import into the same directory is refused rather than mixing two VAEs.
     with pytest.raises(SystemExit, match="already holds a VAE"):
-        export.main(["import-vae", "--safetensors", small.weights, "--out", vae_dir])
+        export_cli.main(["import-vae", "--safetensors", small.weights, "--out", vae_dir])
 
 
 def test_vae_dir_with_mismatched_config_is_refused(small, tmp_path):
     vae_dir = str(tmp_path / "vae")
-    export.save_vae_dir(small.model, None, vae_dir)
-    path = os.path.join(vae_dir, export.CONFIG_FILE)
+    vae_format.save_vae_dir(small.model, None, vae_dir)
+    path = os.path.join(vae_dir, vae_format.CONFIG_FILE)
     with open(path) as f:
         saved = json.load(f)
     assert saved["latents_mean"] is None
@@ -369,7 +371,7 @@ def test_vae_dir_with_mismatched_config_is_refused(small, tmp_path):
     with open(path, "w") as f:
         json.dump(saved, f)
     with pytest.raises(ValueError, match="was not written for the config") as e:
-        export.load_vae_dir(vae_dir)
+        vae_format.load_vae_dir(vae_dir)
     msg = str(e.value)
     assert "post_quant_conv.kernel" in msg and "(1, 1, 1, 6, 6)" in msg and "(1, 1, 1, 4, 4)" in msg
 
@@ -378,7 +380,7 @@ def test_every_rule_is_used_and_the_table_inverts():
     """The export names of a model with every kind of block are the forward table's inverse."""
     cfg = VAEConfig(base_dim=4, z_dim=4, dim_mult=(1, 2), attn_scales=(1.0,),
                     temporal_downsample=(True,))  # fmt: skip
-    _, flat = export._abstract_params(cfg)
+    _, flat = vae_format.abstract_params(cfg)
     used = set()
     for path in flat:
         key, transform = export.to_diffusers(path)
@@ -395,7 +397,7 @@ def test_default_config_is_the_wan21_release_layout():
     theirs = {k: tuple(v.shape) for k, v in tm.state_dict().items()}
     cfg, mean, _ = export.vae_config_from_diffusers(dict(tm.config))
     assert cfg == VAEConfig() and mean == tuple(tm.config.latents_mean)
-    _, flat = export._abstract_params(cfg)
+    _, flat = vae_format.abstract_params(cfg)
     ours = {}
     for path, (_, v) in flat.items():
         key, transform = export.to_diffusers(path)

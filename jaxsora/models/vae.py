@@ -6,7 +6,7 @@ frames on the way down, so frame 0 is its own latent frame and an image is a one
 
 Why this family: it is causal, has a documented chunked (cached) encode/decode that we must
 match anyway, has no GroupNorm (so any width works on small CPU configs), and has public
-pretrained weights in diffusers' `AutoencoderKLWan` layout, which `jaxsora/export.py` imports
+pretrained weights in diffusers' `AutoencoderKLWan` layout, which `jaxsora/export/vae.py` imports
 key for key. Weights and names follow diffusers so that the import is a plain table.
 
 Layout is channels-last throughout. Every causal conv reads and writes a `CausalContext`: the

@@ -9,12 +9,13 @@ Kinds:
   model.safetensors.index.json) and tokenizer.json.
 - "umt5": the same for UMT5 (Wan 2.1's text encoder): a bias table in every layer.
 
-Every checkpoint is checked strictly (weights.check_table) before a tensor is read.
+Every checkpoint is checked strictly (jaxsora/export/tables.py: check_table) before a tensor
+is read.
 
 `identity` is what precomputed caption embeddings are stored with: kind, folder, the sha256 of
 every weight file and of tokenizer.json, max_tokens and dim. The sha256 is over the whole
 content of each file, streamed in 4 MiB chunks (a header-only hash would not tell two
-fine-tunes of one architecture apart); ~1 s per GB, once per process (weights.sha256_file
+fine-tunes of one architecture apart); ~1 s per GB, once per process (tables.sha256_file
 caches it). `same_identity` compares everything but the folder, so a copy of the same weights
 elsewhere is the same encoder.
 """
@@ -32,7 +33,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxsora.text import bert, t5, weights
+from jaxsora.export import tables
+from jaxsora.text import bert, t5
 from jaxsora.text.tokenize import TOKENIZER_FILE, CaptionTokenizer
 
 KINDS = ("minilm", "t5", "umt5")
@@ -134,10 +136,10 @@ def load_params(kind: str, folder: str) -> tuple[Any, Any, dict, list[str]]:
         if model_type != kind:
             raise ValueError(f"{source}: model_type={model_type!r} but text.encoder={kind!r}")
         module, cfg = t5, t5.T5Config.from_dict(cfg_json, source)
-    files = weights.weight_files(folder)
-    found = weights.read_shapes(folder)
+    files = tables.weight_files(folder)
+    found = tables.read_shapes(folder)
     expected = module.expected_shapes(cfg)
-    weights.check_table(
+    tables.check_table(
         t5.encoder_keys(found) if module is t5 else found,
         expected,
         f"{folder} ({', '.join(os.path.basename(f) for f in files)})",
@@ -148,7 +150,7 @@ def load_params(kind: str, folder: str) -> tuple[Any, Any, dict, list[str]]:
     keys = [k for k in found if k in expected]
     if module is t5 and t5.EMBED_KEY not in found:
         keys.append(t5.EMBED_ALIAS)
-    params = module.params_from_state_dict(weights.load_safetensors(folder, keys), cfg)
+    params = module.params_from_state_dict(tables.load_safetensors(folder, keys), cfg)
     return module, cfg, params, files
 
 
@@ -168,8 +170,8 @@ def _load(kind: str, folder: str, max_tokens: int) -> TextEncoder:
     identity = {
         "kind": kind,
         "checkpoint": folder,
-        "weights_sha256": {os.path.basename(f): weights.sha256_file(f) for f in files},
-        "tokenizer_sha256": weights.sha256_file(os.path.join(folder, TOKENIZER_FILE)),
+        "weights_sha256": {os.path.basename(f): tables.sha256_file(f) for f in files},
+        "tokenizer_sha256": tables.sha256_file(os.path.join(folder, TOKENIZER_FILE)),
         "max_tokens": max_tokens,
         "dim": dim,
     }

@@ -5,10 +5,10 @@ and needs PyTorch. A checkpoint is one `model.safetensors` or shards named by
 `model.safetensors.index.json`. Shapes are read from the headers first (`read_shapes`), so a
 wrong checkpoint is reported before gigabytes are read.
 
-`check_table` is the generic form of the VAE import's check in `jaxsora/export.py`
-(`import_diffusers_vae`, which is bound to the VAE's conversion rules and transforms; its table
-formatter `_report` is private); the table layout is the same, so export.py can move onto this
-one later.
+`check_table` checks a found {key: shape} table against an expected one (the text encoders use
+it); `report` formats any list of (key, expected, found) problems as one message with its fix
+(the VAE import, jaxsora/export/vae.py, builds its rows from its conversion rules and
+transforms, and the VAE directory loader, jaxsora/vae_dir.py, from the saved shapes).
 """
 
 from __future__ import annotations
@@ -208,3 +208,25 @@ def sha256_file(path: str) -> str:
                 h.update(chunk)
         _HASHES[key] = h.hexdigest()
     return _HASHES[key]
+
+
+# A wholly wrong file would otherwise print thousands of lines.
+MAX_ROWS = 100
+
+
+def shape_str(s) -> str:
+    return str(tuple(int(x) for x in s))
+
+
+def report(source: str, what: str, rows: list[tuple[str, str, str]], fix: str) -> str:
+    """One message: the file, a table of every problem, and what to do about it."""
+    shown = rows[:MAX_ROWS]
+    header = ("key", "expected shape", "found")
+    width = [max(len(r[i]) for r in [header, *shown]) for i in range(3)]
+    lines = [f"{source}: {len(rows)} problem(s) {what}:"]
+    for r in [header, *shown]:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip())
+    if len(rows) > len(shown):
+        lines.append(f"  ... and {len(rows) - len(shown)} more")
+    lines.append(f"Fix: {fix}")
+    return "\n".join(lines)

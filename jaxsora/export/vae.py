@@ -1,4 +1,4 @@
-"""VAE weights in and out of diffusers' `AutoencoderKLWan` layout, and a VAE's format on disk.
+"""VAE weights in and out of diffusers' `AutoencoderKLWan` layout.
 
 Import: a diffusers state dict (the Wan 2.1 VAE, or one trained with diffusers) becomes a
 `VideoVAE` through one declarative table of (diffusers key, our path, layout transform), checked
@@ -6,39 +6,25 @@ strictly against the model's abstract shapes: a missing, extra, aliased or missh
 error, and all of them are reported at once, in one table, before anything is computed.
 
 Export: the same table read backwards gives PyTorch the weights trained here; a round trip is
-bitwise (the transforms are transposes and reshapes).
-
-On disk, a VAE of this project is a directory: `vae_config.json` (the `VAEConfig` fields plus
-the latent normalisation statistics) and `params/` (an Orbax checkpoint of the weights). The VAE
-trainer writes its final weights in the same format (`save_vae_dir` / `load_vae_dir`).
-
-Command line:
-
-  python -m jaxsora.export import-vae --safetensors diffusion_pytorch_model.safetensors \
-      --diffusers_config config.json --out runs/wan21_vae
-  python -m jaxsora.export export-vae --vae_dir runs/wan21_vae --out vae.safetensors
-  python -m jaxsora.export export-vae --vae_dir runs/wan21_vae --out hf_vae/  # + config.json,
-      # loadable with diffusers.AutoencoderKLWan.from_pretrained("hf_vae")
+bitwise (the transforms are transposes and reshapes). The VAE's own directory format is
+jaxsora/vae_dir.py; the command line is jaxsora/export/__main__.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from jaxsora.models.vae import VAEConfig, VideoVAE, vae_config_from_dict
+from jaxsora.export.tables import report, shape_str
+from jaxsora.models.vae import VAEConfig, VideoVAE
+from jaxsora.vae_dir import abstract_params, build_vae, check_stats, config_summary
 
 # The statistics of the released Wan 2.1 VAE's latents (diffusers' defaults for
 # AutoencoderKLWan): latents are normalised as (z - mean) / std before diffusion.
@@ -51,10 +37,7 @@ WAN21_LATENTS_STD = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
 
-CONFIG_FILE = "vae_config.json"
-PARAMS_DIR = "params"
 DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-_MAX_ROWS = 100  # a wholly wrong file would otherwise print thousands of lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,52 +139,6 @@ def to_diffusers(path: str) -> tuple[str, Transform]:
 # --------------------------------------------------------------------------------------------
 
 
-def _abstract_params(cfg: VAEConfig):
-    """(graphdef, flat abstract params {dotted path: Param of ShapeDtypeStruct}); no FLOPs."""
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: VideoVAE(cfg, rngs=nnx.Rngs(0)))
-    # One filter: nnx.split fails loudly if the VAE ever grows non-Param state.
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    flat = {".".join(map(str, p)): (p, v) for p, v in nnx.to_flat_state(params)}
-    return graphdef, flat
-
-
-def _build(graphdef, flat: dict, values: Mapping[str, np.ndarray]) -> VideoVAE:
-    """The model from `_abstract_params`' output with every param's value given by path."""
-    assert set(values) == set(flat), "caller must have checked the paths"
-    state = nnx.from_flat_state(
-        [(p, v.replace(jnp.asarray(values[name], jnp.float32))) for name, (p, v) in flat.items()]
-    )
-    return nnx.merge(graphdef, state)
-
-
-def _shape(s) -> str:
-    return str(tuple(int(x) for x in s))
-
-
-def _report(source: str, what: str, rows: list[tuple[str, str, str]], fix: str) -> str:
-    """One message: the file, a table of every problem, and what to do about it."""
-    shown = rows[:_MAX_ROWS]
-    header = ("key", "expected shape", "found")
-    width = [max(len(r[i]) for r in [header, *shown]) for i in range(3)]
-    lines = [f"{source}: {len(rows)} problem(s) {what}:"]
-    for r in [header, *shown]:
-        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip())
-    if len(rows) > len(shown):
-        lines.append(f"  ... and {len(rows) - len(shown)} more")
-    lines.append(f"Fix: {fix}")
-    return "\n".join(lines)
-
-
-def _config_summary(cfg: VAEConfig) -> str:
-    return (
-        f"base_dim={cfg.base_dim}, decoder_base_dim={cfg.decoder_base_dim}, z_dim={cfg.z_dim}, "
-        f"dim_mult={list(cfg.dim_mult)}, num_res_blocks={cfg.num_res_blocks}, "
-        f"attn_scales={list(cfg.attn_scales)}, "
-        f"temporal_downsample={list(cfg.temporal_downsample)}"
-    )
-
-
 def _file_suggests(state_dict: Mapping[str, np.ndarray], cfg: VAEConfig) -> list[str]:
     """Config fields that telltale weights of the file contradict, e.g. `base_dim=8 (not 96)`."""
     ups = [
@@ -259,13 +196,13 @@ def import_diffusers_vae(
     every key is used; otherwise one ValueError naming `source` lists every missing,
     unexpected or misshapen key, with the fix.
     """
-    graphdef, flat = _abstract_params(cfg)
+    graphdef, flat = abstract_params(cfg)
     values: dict[str, np.ndarray] = {}
     seen: set[str] = set()  # our paths that a key of the file names (well shaped or not)
     rows: list[tuple[str, str, str]] = []
     for key in sorted(state_dict):
         w = state_dict[key]
-        found = _shape(w.shape)
+        found = shape_str(w.shape)
         hit = to_ours(key)
         if hit is None:
             rows.append((key, "-", f"{found} unexpected (no conversion rule)"))
@@ -281,23 +218,23 @@ def import_diffusers_vae(
         seen.add(path)
         expected = transform.torch_shape(flat[path][1].shape)
         if tuple(w.shape) != expected:
-            rows.append((key, _shape(expected), found))
+            rows.append((key, shape_str(expected), found))
             continue
         if not jnp.issubdtype(w.dtype, jnp.floating):
-            rows.append((key, _shape(expected), f"{found} of dtype {w.dtype}, not floating"))
+            rows.append((key, shape_str(expected), f"{found} of dtype {w.dtype}, not floating"))
             continue
         values[path] = transform.to_ours(np.asarray(w)).astype(np.float32)
     for path in sorted(set(flat) - seen):
         key, transform = to_diffusers(path)
-        rows.append((key, _shape(transform.torch_shape(flat[path][1].shape)), "missing"))
+        rows.append((key, shape_str(transform.torch_shape(flat[path][1].shape)), "missing"))
     if rows:
         what = (
             "importing a diffusers AutoencoderKLWan state dict into VAEConfig("
-            + _config_summary(cfg)
+            + config_summary(cfg)
             + ")"
         )
-        raise ValueError(_report(source, what, rows, _import_fix(state_dict, cfg, len(seen))))
-    return _build(graphdef, flat, values)
+        raise ValueError(report(source, what, rows, _import_fix(state_dict, cfg, len(seen))))
+    return build_vae(graphdef, flat, values)
 
 
 def load_safetensors_vae(path: str, cfg: VAEConfig) -> VideoVAE:
@@ -388,20 +325,8 @@ def vae_config_from_diffusers(
         )
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from e
-    mean, std = _check_stats(c["latents_mean"], c["latents_std"], cfg.z_dim, source)
+    mean, std = check_stats(c["latents_mean"], c["latents_std"], cfg.z_dim, source)
     return cfg, mean, std
-
-
-def _check_stats(mean, std, z_dim: int, source: str) -> tuple[tuple[float, ...], ...]:
-    for name, v in (("latents_mean", mean), ("latents_std", std)):
-        if len(v) != z_dim:
-            raise ValueError(
-                f"{source}: {name} has {len(v)} entries but z_dim={z_dim}: give one per latent "
-                "channel (measure them on your data; diffusers' defaults are Wan 2.1's, z_dim=16)"
-            )
-    if any(s <= 0 for s in std):
-        raise ValueError(f"{source}: latents_std must be positive, got {list(std)}")
-    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
 
 
 def vae_config_to_diffusers(
@@ -429,187 +354,3 @@ def vae_config_to_diffusers(
     if latents_mean is not None and latents_std is not None:
         out.update(latents_mean=list(latents_mean), latents_std=list(latents_std))
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# A VAE directory: vae_config.json + params/ (Orbax)
-# --------------------------------------------------------------------------------------------
-
-
-def save_vae_dir(
-    model: VideoVAE,
-    stats: tuple[Sequence[float], Sequence[float]] | None,
-    directory: str,
-    overwrite: bool = False,
-) -> None:
-    """Writes `directory/{vae_config.json, params/}`; `stats` is (latents_mean, latents_std)
-    or None while unknown. The JSON is written last, so its presence means a complete save.
-
-    Collective, like any Orbax save: with several processes, call it on every one of them
-    (each writes its shards of the weights; process 0 writes the JSON)."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    cfg = model.cfg
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-    mean, std = (None, None)
-    if stats is not None and stats[0] is not None:
-        mean, std = (list(x) for x in _check_stats(*stats, cfg.z_dim, directory))
-    config.update(latents_mean=mean, latents_std=std)
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    if os.path.exists(params_dir) and not overwrite:
-        raise ValueError(
-            f"{directory} already holds a VAE ({PARAMS_DIR}/ exists): choose another output "
-            "directory or delete it"
-        )
-    os.makedirs(directory, exist_ok=True)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if os.path.exists(config_path) and jax.process_index() == 0:
-        os.remove(config_path)
-    pure = nnx.state(model, nnx.Param).to_pure_dict()
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(params_dir, pure, force=overwrite)
-    if jax.process_index() == 0:
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    out = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def load_vae_config(directory: str) -> tuple[VAEConfig, tuple | None, tuple | None]:
-    """(VAEConfig, latents_mean, latents_std) of a VAE directory; the stats may be None."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise ValueError(
-            f"{path} does not exist: {directory} is not a VAE directory (make one with "
-            "`python -m jaxsora.export import-vae` or the VAE trainer), or its save did not finish"
-        )
-    with open(path) as f:
-        d = json.load(f)
-    mean, std = d.pop("latents_mean", None), d.pop("latents_std", None)
-    try:
-        cfg = vae_config_from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from e
-    if mean is not None and std is not None:
-        mean, std = _check_stats(mean, std, cfg.z_dim, path)
-    return cfg, mean, std
-
-
-def load_vae_dir(
-    directory: str, dtype: str | None = None
-) -> tuple[VideoVAE, tuple[float, ...] | None, tuple[float, ...] | None]:
-    """(model, latents_mean, latents_std) from a VAE directory; `dtype` overrides the compute
-    dtype (e.g. bfloat16 on TPU; params stay float32). Weights are checked against the config
-    shape for shape before they are read, and all mismatches reported at once."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    cfg, mean, std = load_vae_config(directory)
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=dtype)
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    if not os.path.isdir(params_dir):
-        raise ValueError(f"{params_dir} does not exist: the VAE directory lost its weights")
-    graphdef, flat = _abstract_params(cfg)
-    with ocp.StandardCheckpointer() as checkpointer:
-        meta = _flatten(dict(checkpointer.metadata(params_dir).item_metadata.tree))
-        rows = []
-        for name in sorted(set(meta) | set(flat)):
-            if name not in flat:
-                rows.append((name, "-", f"{_shape(meta[name].shape)} unexpected"))
-            elif name not in meta:
-                rows.append((name, _shape(flat[name][1].shape), "missing"))
-            elif tuple(meta[name].shape) != tuple(flat[name][1].shape):
-                rows.append((name, _shape(flat[name][1].shape), _shape(meta[name].shape)))
-        if rows:
-            fix = (
-                f"{params_dir} was not written for the config in {CONFIG_FILE} "
-                f"({_config_summary(cfg)}): restore the matching {CONFIG_FILE} or re-export"
-            )
-            raise ValueError(_report(params_dir, "loading a VAE", rows, fix))
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            checkpointer.metadata(params_dir).item_metadata.tree,
-        )
-        restored = _flatten(checkpointer.restore(params_dir, target))
-    return _build(graphdef, flat, restored), mean, std
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def _import_vae(args) -> None:
-    if os.path.exists(os.path.join(args.out, PARAMS_DIR)):  # before reading a large file
-        raise ValueError(f"{args.out} already holds a VAE: choose another --out or delete it")
-    if args.diffusers_config:
-        with open(args.diffusers_config) as f:
-            cfg, mean, std = vae_config_from_diffusers(json.load(f), source=args.diffusers_config)
-    else:
-        print("no --diffusers_config: assuming the released Wan 2.1 VAE's config")
-        cfg, mean, std = vae_config_from_diffusers({}, source="diffusers' defaults")
-    model = load_safetensors_vae(args.safetensors, cfg)
-    save_vae_dir(model, (mean, std), args.out)
-    print(f"imported {args.safetensors} ({_config_summary(cfg)}) into {args.out}")
-
-
-def _export_vae(args) -> None:
-    model, mean, std = load_vae_dir(args.vae_dir)
-    out = args.out
-    if out.endswith(".safetensors"):
-        save_safetensors_vae(model, out)
-    else:  # a diffusers model folder: AutoencoderKLWan.from_pretrained(out)
-        os.makedirs(out, exist_ok=True)
-        save_safetensors_vae(model, os.path.join(out, DIFFUSERS_WEIGHTS_FILE))
-        if mean is None:
-            logging.warning(
-                "%s has no latents_mean/std: config.json gets diffusers' defaults (Wan 2.1's), "
-                "which do not fit another VAE's latents",
-                args.vae_dir,
-            )
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(vae_config_to_diffusers(model.cfg, mean, std), f, indent=2)
-            f.write("\n")
-    print(f"exported {args.vae_dir} to {out}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxsora.export", description=__doc__.split("\n\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("import-vae", help="diffusers AutoencoderKLWan .safetensors -> VAE dir")
-    p.add_argument("--safetensors", required=True, help="diffusers VAE weights file")
-    p.add_argument(
-        "--diffusers_config", help="its config.json (default: the released Wan 2.1 VAE's)"
-    )
-    p.add_argument("--out", required=True, help="VAE directory to write (must not exist)")
-    p.set_defaults(run=_import_vae)
-    p = sub.add_parser("export-vae", help="VAE dir -> diffusers AutoencoderKLWan weights")
-    p.add_argument("--vae_dir", required=True, help="a VAE directory (import-vae, VAE trainer)")
-    p.add_argument(
-        "--out",
-        required=True,
-        help="F.safetensors, or a folder for diffusers' from_pretrained (weights + config.json)",
-    )
-    p.set_defaults(run=_export_vae)
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

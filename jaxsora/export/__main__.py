@@ -1,0 +1,92 @@
+"""The command line of jaxsora's checkpoint conversion (see jaxsora/export/__init__.py).
+
+  python -m jaxsora.export import-vae --safetensors diffusion_pytorch_model.safetensors \
+      --diffusers_config config.json --out runs/wan21_vae
+  python -m jaxsora.export export-vae --vae_dir runs/wan21_vae --out vae.safetensors
+  python -m jaxsora.export export-vae --vae_dir runs/wan21_vae --out hf_vae/  # + config.json,
+      # loadable with diffusers.AutoencoderKLWan.from_pretrained("hf_vae")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from absl import logging
+
+from jaxsora.export.vae import (
+    DIFFUSERS_WEIGHTS_FILE,
+    load_safetensors_vae,
+    save_safetensors_vae,
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+)
+from jaxsora.vae_dir import PARAMS_DIR, config_summary, load_vae_dir, save_vae_dir
+
+
+def _import_vae(args) -> None:
+    if os.path.exists(os.path.join(args.out, PARAMS_DIR)):  # before reading a large file
+        raise ValueError(f"{args.out} already holds a VAE: choose another --out or delete it")
+    if args.diffusers_config:
+        with open(args.diffusers_config) as f:
+            cfg, mean, std = vae_config_from_diffusers(json.load(f), source=args.diffusers_config)
+    else:
+        print("no --diffusers_config: assuming the released Wan 2.1 VAE's config")
+        cfg, mean, std = vae_config_from_diffusers({}, source="diffusers' defaults")
+    model = load_safetensors_vae(args.safetensors, cfg)
+    save_vae_dir(model, (mean, std), args.out)
+    print(f"imported {args.safetensors} ({config_summary(cfg)}) into {args.out}")
+
+
+def _export_vae(args) -> None:
+    model, mean, std = load_vae_dir(args.vae_dir)
+    out = args.out
+    if out.endswith(".safetensors"):
+        save_safetensors_vae(model, out)
+    else:  # a diffusers model folder: AutoencoderKLWan.from_pretrained(out)
+        os.makedirs(out, exist_ok=True)
+        save_safetensors_vae(model, os.path.join(out, DIFFUSERS_WEIGHTS_FILE))
+        if mean is None:
+            logging.warning(
+                "%s has no latents_mean/std: config.json gets diffusers' defaults (Wan 2.1's), "
+                "which do not fit another VAE's latents",
+                args.vae_dir,
+            )
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(vae_config_to_diffusers(model.cfg, mean, std), f, indent=2)
+            f.write("\n")
+    print(f"exported {args.vae_dir} to {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxsora.export", description=__doc__.split("\n\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("import-vae", help="diffusers AutoencoderKLWan .safetensors -> VAE dir")
+    p.add_argument("--safetensors", required=True, help="diffusers VAE weights file")
+    p.add_argument(
+        "--diffusers_config", help="its config.json (default: the released Wan 2.1 VAE's)"
+    )
+    p.add_argument("--out", required=True, help="VAE directory to write (must not exist)")
+    p.set_defaults(run=_import_vae)
+    p = sub.add_parser("export-vae", help="VAE dir -> diffusers AutoencoderKLWan weights")
+    p.add_argument("--vae_dir", required=True, help="a VAE directory (import-vae, VAE trainer)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="F.safetensors, or a folder for diffusers' from_pretrained (weights + config.json)",
+    )
+    p.set_defaults(run=_export_vae)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
