@@ -5,6 +5,11 @@
   python -m jaxsora.export export-vae --vae_dir runs/wan21_vae --out vae.safetensors
   python -m jaxsora.export export-vae --vae_dir runs/wan21_vae --out hf_vae/  # + config.json,
       # loadable with diffusers.AutoencoderKLWan.from_pretrained("hf_vae")
+  python -m jaxsora.export export-dit --workdir runs/default --format safetensors --out dit/
+  python -m jaxsora.export export-dit --workdir runs/default --format torch --out dit_torch/
+      # + the PyTorch package torch_dit/ that loads and samples it without jaxsora
+  python -m jaxsora.export export-dit --workdir runs/default --format stablehlo --out dit_hlo/
+  python -m jaxsora.export import-dit --src dit/ --out runs/imported  # train or sample it
 """
 
 from __future__ import annotations
@@ -61,6 +66,41 @@ def _export_vae(args) -> None:
     print(f"exported {args.vae_dir} to {out}")
 
 
+DIT_FORMATS = ("safetensors", "torch", "stablehlo")
+
+
+def _export_dit(args) -> None:
+    if args.format == "stablehlo":
+        from jaxsora.export.stablehlo import export_run_stablehlo
+
+        if args.step is not None:
+            raise ValueError("--format stablehlo exports the latest checkpoint: drop --step")
+
+        summary = export_run_stablehlo(args.workdir, args.out, use_ema=args.ema)
+    else:
+        from jaxsora.export.dit import export_dit
+
+        summary = export_dit(args.workdir, args.out, step=args.step, use_ema=args.ema)
+        if args.format == "torch":  # the weights plus the package that runs them
+            import shutil
+
+            package = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_dit")
+            shutil.copytree(
+                package,
+                os.path.join(args.out, "torch_dit"),
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
+    print(json.dumps({"exported": args.workdir, "format": args.format, "out": args.out, **summary}))
+
+
+def _import_dit(args) -> None:
+    from jaxsora.export.dit import import_dit
+
+    step = import_dit(args.src, args.out)
+    print(f"imported {args.src} into {args.out} (checkpoint {step})")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m jaxsora.export", description=__doc__.split("\n\n")[0]
@@ -81,6 +121,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="F.safetensors, or a folder for diffusers' from_pretrained (weights + config.json)",
     )
     p.set_defaults(run=_export_vae)
+    p = sub.add_parser("export-dit", help="a training run's DiT -> safetensors / torch / stablehlo")
+    p.add_argument("--workdir", required=True, help="the run (its latest checkpoint is read)")
+    p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: latest)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--format", choices=DIT_FORMATS, default="safetensors")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(run=_export_dit)
+    p = sub.add_parser("import-dit", help="an exported DiT folder -> a jaxsora run directory")
+    p.add_argument("--src", required=True, help="folder with config.json and model*.safetensors")
+    p.add_argument("--out", required=True, help="run directory to write (train or sample it)")
+    p.set_defaults(run=_import_dit)
     args = parser.parse_args(argv)
     try:
         args.run(args)
