@@ -103,12 +103,6 @@ def _embed_one(spec: TextSpec, caption: str) -> tuple[np.ndarray, np.ndarray]:
     return emb[0], mask[0]
 
 
-def embed_prompts(prompts: list[str], spec: TextSpec) -> dict[str, np.ndarray]:
-    """{text_ids | text_emb, text_mask} stacked for a list of prompts (the sampler's)."""
-    rows = [text_fields(p, spec) for p in prompts]
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
 def check_source_encoder(name: str, records, spec: TextSpec) -> None:
     """A dataset of precomputed embeddings must come from the configured encoder, with the same
     weights, tokenizer and token count (jaxsora/text/identity.py); one without them is encoded

@@ -440,6 +440,7 @@ def _path(record) -> str:
 
 def example_spec(config) -> ExampleSpec:
     d, m = config.data, config.model
+    text = captions.text_spec(config)
     return ExampleSpec(
         patch=tuple(m.patch),
         min_tokens=d.min_tokens,
@@ -450,8 +451,8 @@ def example_spec(config) -> ExampleSpec:
         text_vocab=m.text_vocab,
         token_drop_rate=d.get("token_drop_rate", 0.0),
         tasks=tasks.normalized(d.get("tasks")),
-        text_encoder=captions.text_spec(config).encoder,
-        text_checkpoint=captions.text_spec(config).checkpoint,
+        text_encoder=text.encoder,
+        text_checkpoint=text.checkpoint,
     )
 
 
