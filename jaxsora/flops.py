@@ -78,7 +78,12 @@ def forward_parts(
     = 1 is the model without per-token time (what it costs: `per_token_time_flops`)."""
     D, Dt, P, depth = cfg.width, cfg.text_width, cfg.patch_dim, cfg.depth
     hidden = int(cfg.mlp_ratio * D)
-    per_block_token = 2 * 4 * D * D + 2 * 2 * D * D + 2 * 2 * D * hidden  # self qkvo, cross qo, MLP
+    P_out = P * (2 if cfg.learn_sigma else 1)
+    if cfg.num_classes:  # a label embedding (a lookup: no FLOPs), no captions, no cross-attention
+        w = dataclasses.replace(w, caption_tokens=0.0, cross_pairs=0.0, caption_pairs=0.0)
+        Dt = 0
+    cross_qo = 0 if cfg.num_classes else 2 * 2 * D * D
+    per_block_token = 2 * 4 * D * D + cross_qo + 2 * 2 * D * hidden  # self qkvo, cross qo, MLP
     per_block = (
         w.tokens * per_block_token
         + w.caption_tokens * 2 * 2 * D * D  # cross-attention keys and values
@@ -98,7 +103,7 @@ def forward_parts(
         + w.caption_tokens * 2 * Dt * D,
         # time_mlp2 and the final adaLN per time, caption_pool once per segment
         "conditioning": w.segments * (times_per_segment * (2 * D * D + 2 * D * 2 * D) + 2 * Dt * D),
-        "patch_out": w.tokens * 2 * D * P,
+        "patch_out": w.tokens * 2 * D * P_out,
     }
 
 

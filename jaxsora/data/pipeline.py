@@ -61,11 +61,16 @@ class ExampleSpec:
     tasks: tuple[tuple[str, float], ...] = ()
     text_encoder: str = captions.HASHED  # config text.encoder (jaxsora/data/captions.py)
     text_checkpoint: str = ""
+    class_names: tuple[str, ...] = ()  # text.encoder = "class"
 
     @property
     def text(self) -> captions.TextSpec:
         return captions.TextSpec(
-            self.text_encoder, self.text_checkpoint, self.text_len, self.text_vocab
+            self.text_encoder,
+            self.text_checkpoint,
+            self.text_len,
+            self.text_vocab,
+            self.class_names,
         )
 
 
@@ -453,6 +458,7 @@ def example_spec(config) -> ExampleSpec:
         tasks=tasks.normalized(d.get("tasks")),
         text_encoder=text.encoder,
         text_checkpoint=text.checkpoint,
+        class_names=text.class_names,
     )
 
 

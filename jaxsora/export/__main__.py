@@ -9,7 +9,11 @@
   python -m jaxsora.export export-dit --workdir runs/default --format torch --out dit_torch/
       # + the PyTorch package torch_dit/ that loads and samples it without jaxsora
   python -m jaxsora.export export-dit --workdir runs/default --format stablehlo --out dit_hlo/
+  python -m jaxsora.export export-dit --workdir runs/dit_image --format diffusers --out dit_hf/
+      # an original-DiT run (experiments/dit_image.py) -> DiTTransformer2DModel.from_pretrained
   python -m jaxsora.export import-dit --src dit/ --out runs/imported  # train or sample it
+  python -m jaxsora.export import-dit --src dit_hf/ --out runs/from_diffusers \
+      [--config experiments/dit_image.py]  # a diffusers DiT: the run config to train it with
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def _export_vae(args) -> None:
     print(f"exported {args.vae_dir} to {out}")
 
 
-DIT_FORMATS = ("safetensors", "torch", "stablehlo")
+DIT_FORMATS = ("safetensors", "torch", "stablehlo", "diffusers")
 
 
 def _export_dit(args) -> None:
@@ -77,6 +81,16 @@ def _export_dit(args) -> None:
             raise ValueError("--format stablehlo exports the latest checkpoint: drop --step")
 
         summary = export_run_stablehlo(args.workdir, args.out, use_ema=args.ema)
+    elif args.format == "diffusers":
+        from jaxsora.export.diffusers_dit import export_diffusers
+
+        summary = export_diffusers(
+            args.workdir,
+            args.out,
+            step=args.step,
+            use_ema=args.ema,
+            sample_size=args.sample_size,
+        )
     else:
         from jaxsora.export.dit import export_dit
 
@@ -94,10 +108,28 @@ def _export_dit(args) -> None:
     print(json.dumps({"exported": args.workdir, "format": args.format, "out": args.out, **summary}))
 
 
+def _load_config(spec: str):
+    """`path/to/config.py[:args]` -> its get_config(args), as the trainers' --config reads it."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {spec}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location("jaxsora_import_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
 def _import_dit(args) -> None:
+    from jaxsora.export import diffusers_dit
     from jaxsora.export.dit import import_dit
 
-    step = import_dit(args.src, args.out)
+    config = _load_config(args.config) if args.config else None
+    if diffusers_dit.is_diffusers_dit(args.src):
+        step = diffusers_dit.import_diffusers(args.src, args.out, config=config)
+    else:
+        step = import_dit(args.src, args.out, config=config)
     print(f"imported {args.src} into {args.out} (checkpoint {step})")
 
 
@@ -126,11 +158,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: latest)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--format", choices=DIT_FORMATS, default="safetensors")
+    p.add_argument(
+        "--sample_size",
+        type=int,
+        default=None,
+        help="diffusers: config.json sample_size in latent pixels (default: about the run's "
+        "largest example)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(run=_export_dit)
     p = sub.add_parser("import-dit", help="an exported DiT folder -> a jaxsora run directory")
-    p.add_argument("--src", required=True, help="folder with config.json and model*.safetensors")
+    p.add_argument(
+        "--src",
+        required=True,
+        help="an exported folder (config.json + model*.safetensors) or a diffusers "
+        "DiTTransformer2DModel folder",
+    )
     p.add_argument("--out", required=True, help="run directory to write (train or sample it)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the run config to build around the weights, e.g. experiments/dit_image.py[:args] "
+        "(default: the exported run's own)",
+    )
     p.set_defaults(run=_import_dit)
     args = parser.parse_args(argv)
     try:

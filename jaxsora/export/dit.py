@@ -44,6 +44,7 @@ MATRIX = Transform("as is", (0, 1))
 # either direction, so the embedding comes before the generic `weight` row.
 RULES: tuple[Rule, ...] = (
     Rule("{m}.embed.weight", "{m}.embed.embedding", MATRIX),  # nn.Embedding is [vocab, D] too
+    Rule("label_embed.weight", "label_embed.embedding", MATRIX),  # class-conditional models
     Rule("{m}.weight", "{m}.kernel", LINEAR),
     Rule("{m}.bias", "{m}.bias", AS_IS),
     Rule("{m}.scale", "{m}.scale", AS_IS),  # RMSNorm gains (QK-norm)
@@ -65,6 +66,12 @@ WEIGHT_FIELDS = (
     "text_heads",
     "text_embed_dim",
     "rope_theta",
+    "num_classes",
+    "positions",
+    "qk_norm",
+    "learn_sigma",
+    "time_freq_shift",
+    "mlp_norm_eps",
 )
 
 
@@ -100,9 +107,14 @@ class Entry:
         return self.transform.torch_shape(self.ours)
 
 
-def entries(param_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Entry]:
+def entries(param_shapes: Mapping[str, tuple[int, ...]], keys_of=None) -> dict[str, Entry]:
     """{PyTorch name: Entry} for our params {path: shape}; scanned blocks (`blocks.<leaf>` with
-    a leading depth axis) become `blocks.<i>.<leaf>`, as unrolled ones are named."""
+    a leading depth axis) become `blocks.<i>.<leaf>`, as unrolled ones are named.
+
+    `keys_of(unrolled path)` -> [(PyTorch name, transform), ...] names a layout (default: ours,
+    `RULES`, one name per param); a layout may give one param several names (diffusers repeats
+    the DiT's embedders in every block: jaxsora/export/diffusers_dit.py)."""
+    keys_of = keys_of or (lambda path: [torch_key(path)])
     out: dict[str, Entry] = {}
     for path, shape in sorted(param_shapes.items()):
         parts = path.split(".")
@@ -112,9 +124,9 @@ def entries(param_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Entry]:
         else:
             layers, per_layer = [(path, None)], tuple(shape)
         for unrolled, i in layers:
-            key, transform = torch_key(unrolled)
-            assert key not in out, f"two params export to {key}: RULES is not one-to-one"
-            out[key] = Entry(key, path, i, per_layer, transform)
+            for key, transform in keys_of(unrolled):
+                assert key not in out, f"two params export to {key}: the layout is not one-to-one"
+                out[key] = Entry(key, path, i, per_layer, transform)
     return dict(sorted(out.items()))
 
 
@@ -183,10 +195,12 @@ def export_config(saved: Mapping, cfg, *, workdir: str, step: int, use_ema: bool
         "source": {"workdir": workdir, "step": step, "weights": "ema" if use_ema else "raw"},
     }
     text = saved.get("text") or {}
-    if text.get("encoder", "hashed") != "hashed":
-        from ml_collections import ConfigDict
+    from jaxsora.data import captions
 
-        from jaxsora.data import captions
+    if text.get("encoder") == captions.CLASS:
+        out["text"] = {"encoder": captions.CLASS, "class_names": list(text["class_names"])}
+    elif text.get("encoder", captions.HASHED) != captions.HASHED:
+        from ml_collections import ConfigDict
 
         spec = captions.text_spec(ConfigDict(dict(saved)))
         out["text"] = {
@@ -312,6 +326,26 @@ def _read_batches(leaves: list[tuple[str, tuple[int, ...], np.dtype]]):
         yield batch
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where `stream_export` writes a DiT: the weight files' stem (`model`, diffusers'
+    `diffusion_pytorch_model`), the PyTorch names (`keys_for(saved config, DiTConfig)` gives
+    `entries` its `keys_of`), a check of the model (raises when the layout cannot hold it), and
+    the JSON files beside the weights."""
+
+    stem: str
+    keys_for: object  # (saved, cfg) -> ((unrolled path) -> [(key, transform)]) | None (RULES)
+    check: object  # (saved config, DiTConfig) -> None
+    configs: object  # (saved, cfg, workdir, step, use_ema) -> {file name: dict}
+
+
+def _jaxsora_configs(saved, cfg, workdir, step, use_ema) -> dict[str, dict]:
+    return {CONFIG_FILE: export_config(saved, cfg, workdir=workdir, step=step, use_ema=use_ema)}
+
+
+JAXSORA_LAYOUT = Layout("model", lambda saved, cfg: None, lambda saved, cfg: None, _jaxsora_configs)
+
+
 def export_dit(
     workdir: str,
     out_dir: str,
@@ -324,6 +358,26 @@ def export_dit(
     `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json` above
     `max_shard_bytes`) and `config.json`, loadable with `jaxsora.export.torch_dit.load_pretrained`.
     Returns {"out_dir", "files", "step", "weights", "num_params", "total_bytes", "seconds"}."""
+    return stream_export(
+        workdir,
+        out_dir,
+        JAXSORA_LAYOUT,
+        step=step,
+        use_ema=use_ema,
+        max_shard_bytes=max_shard_bytes,
+    )
+
+
+def stream_export(
+    workdir: str,
+    out_dir: str,
+    layout: Layout,
+    *,
+    step: int | None = None,
+    use_ema: bool = True,
+    max_shard_bytes: int = 2**30,
+) -> dict:
+    """`export_dit` in any `Layout`: the checkpoint's params streamed into safetensors."""
     import orbax.checkpoint as ocp
     from etils import epath
 
@@ -350,6 +404,7 @@ def export_dit(
     finally:
         ckpt.close()
     cfg = _dit_config(saved)
+    layout.check(saved, cfg)
     prefix = "ema" if use_ema else "model"
     state_dir = epath.Path(where) / "state"
     meta = ocp.StandardCheckpointHandler().metadata(state_dir)
@@ -366,17 +421,19 @@ def export_dit(
         f"{where}/state ({prefix})",
         fix="the checkpoint's params are not the model its own saved config builds",
     )
-    table = entries(found)
+    table = entries(found, layout.keys_for(saved, cfg))
     specs = [(k, e.shape, np.dtype(np.float32)) for k, e in table.items()]
     shards = _plan_shards(specs, max_shard_bytes)
+    stem = layout.stem
     names = (
-        [tables.SINGLE_FILE]
+        [f"{stem}.safetensors"]
         if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
+    index_file = f"{stem}.safetensors.index.json"
     os.makedirs(out_dir, exist_ok=True)
     for old in os.listdir(out_dir):  # an earlier export's weights would mix with these
-        if old.startswith("model") and old.endswith(".safetensors") and old not in names:
+        if old.startswith(stem) and old.endswith(".safetensors") and old not in names:
             os.remove(os.path.join(out_dir, old))
     writers = [
         _SafetensorsWriter(os.path.join(out_dir, n), s) for n, s in zip(names, shards, strict=True)
@@ -422,16 +479,16 @@ def export_dit(
             "metadata": {"total_size": total},
             "weight_map": {k: os.path.basename(writer_of[k].path) for k in table},
         }
-        with open(os.path.join(out_dir, tables.INDEX_FILE), "w") as f:
+        with open(os.path.join(out_dir, index_file), "w") as f:
             json.dump(index, f, indent=2)
     else:  # a stale index of an earlier sharded export would shadow nothing but mislead
-        stale = os.path.join(out_dir, tables.INDEX_FILE)
+        stale = os.path.join(out_dir, index_file)
         if os.path.exists(stale):
             os.remove(stale)
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        summary = export_config(saved, cfg, workdir=workdir, step=step, use_ema=use_ema)
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    for name, contents in layout.configs(saved, cfg, workdir, step, use_ema).items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(contents, f, indent=2)
+            f.write("\n")
     return {
         "out_dir": os.path.abspath(out_dir),
         "files": [w.path for w in writers],
@@ -503,15 +560,9 @@ def import_dit(src: str, out_workdir: str, *, config=None) -> int:
     The run config is config.json's `jaxsora_config` (the exported run's), or `config` (a
     ConfigDict, e.g. the fine-tune's own; its DiT must be config.json's). Returns the step (0).
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
     from ml_collections import ConfigDict
 
     from jaxsora import train as trainer
-    from jaxsora import training
-    from jaxsora.checkpointing import Checkpointer
-    from jaxsora.data import packing
 
     files = tables.weight_files(src)  # refuses .bin/.pt/.pth/.ckpt before anything is read
     config_path, exported = read_export_config(src)
@@ -542,20 +593,45 @@ def import_dit(src: str, out_workdir: str, *, config=None) -> int:
         source,
         fix=f"the weights are not the DiT of {config_path}: check the folder and its config",
     )
+    arrays = read_float_arrays(files, source)
+    return write_run(config, cfg, params_from_arrays(arrays, table), out_workdir)
+
+
+def read_float_arrays(files: list[str], source: str) -> dict[str, np.ndarray]:
     arrays = tables.load_safetensors(files)
     odd = sorted(k for k, a in arrays.items() if not np.issubdtype(a.dtype, np.floating))
     if odd:
         raise tables.WeightTableError(
             f"{source}: not floating point: " + ", ".join(f"{k} ({arrays[k].dtype})" for k in odd)
         )
-    values: dict[str, list] = {}
+    return arrays
+
+
+def params_from_arrays(arrays: dict[str, np.ndarray], table: Mapping[str, Entry]) -> dict:
+    """{our param path: float32 array} from PyTorch-named arrays (scanned stacks re-stacked);
+    a param with several names takes its first (callers check that the copies agree)."""
+    values: dict[str, dict] = {}
     for k, e in table.items():
-        w = e.transform.to_ours(arrays.pop(k)).astype(np.float32)
-        values.setdefault(e.path, []).append((e.layer, w))
-    params = {
-        path: (v[0][1] if v[0][0] is None else np.stack([w for _, w in sorted(v)]))
+        layers = values.setdefault(e.path, {})
+        if e.layer not in layers:
+            layers[e.layer] = e.transform.to_ours(arrays[k]).astype(np.float32)
+    return {
+        path: (v[None] if None in v else np.stack([v[i] for i in sorted(v)]))
         for path, v in values.items()
     }
+
+
+def write_run(config, cfg, params: Mapping[str, np.ndarray], out_workdir: str) -> int:
+    """Step 0 of a jaxsora run in `out_workdir` holding `params` as model and EMA, a fresh
+    optimizer and the run config, as the trainer writes it. Returns the step (0)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxsora import train as trainer
+    from jaxsora import training
+    from jaxsora.checkpointing import Checkpointer
+    from jaxsora.data import packing
 
     out_workdir = os.path.abspath(out_workdir)
     os.makedirs(out_workdir, exist_ok=True)

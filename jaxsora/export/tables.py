@@ -2,8 +2,9 @@
 
 Pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are refused: unpickling runs arbitrary code
 and needs PyTorch. A checkpoint is one `model.safetensors` or shards named by
-`model.safetensors.index.json`. Shapes are read from the headers first (`read_shapes`), so a
-wrong checkpoint is reported before gigabytes are read.
+`model.safetensors.index.json` (or diffusers' `diffusion_pytorch_model.*`). Shapes are read
+from the headers first (`read_shapes`), so a wrong checkpoint is reported before gigabytes are
+read.
 
 `check_table` checks a found {key: shape} table against an expected one (the text encoders use
 it); `report` formats any list of (key, expected, found) problems as one message with its fix
@@ -22,6 +23,9 @@ import numpy as np
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# The weight files a folder may hold: transformers' `model`, diffusers'
+# `diffusion_pytorch_model`, each one file or shards with an index.
+WEIGHT_STEMS = ("model", "diffusion_pytorch_model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_ROWS = 100  # a wholly wrong file would otherwise print thousands of lines
 _CHUNK = 1 << 22  # 4 MiB reads when hashing
@@ -47,11 +51,13 @@ def weight_files(paths_or_dir: str | os.PathLike | Sequence[str | os.PathLike]) 
     if isinstance(paths_or_dir, str | os.PathLike):
         path = os.fspath(paths_or_dir)
         if os.path.isdir(path):
-            single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
-            if os.path.isfile(single):
-                return [single]
-            if os.path.isfile(index):
-                return weight_files(index)
+            for stem in WEIGHT_STEMS:
+                single = os.path.join(path, f"{stem}.safetensors")
+                index = os.path.join(path, f"{stem}.safetensors.index.json")
+                if os.path.isfile(single):
+                    return [single]
+                if os.path.isfile(index):
+                    return weight_files(index)
             pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
             if pickles:
                 raise _pickle_refusal(os.path.join(path, pickles[0]))

@@ -11,6 +11,12 @@ extension prompt) are clean, so they are modulated for t = 0 while the rest of t
 modulated for its t. Each segment's conditioning is computed for both times ([B, 2S, D]: rows
 0..S-1 at t, rows S..2S-1 at 0, as Open-Sora 1.2's `x_mask` does) and each token picks its row;
 the extra cost is one more pass of the tiny per-segment layers (jaxsora/flops.py counts it).
+
+The same module is also, by configuration, exactly the DiT paper's class-conditional image model
+(`original_dit_fields`): a label embedding (with a null class for guidance) instead of captions
+and cross-attention, absolute 2D sin-cos positions instead of RoPE, no QK-norm, and a learned
+variance (`learn_sigma`: twice the output channels; the flow trains and samples the first half).
+jaxsora/export/diffusers_dit.py maps that configuration to diffusers' `DiTTransformer2DModel`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from flax import nnx
 from jaxsora.diffusion.flow import per_segment
 from jaxsora.models.layers import Attention, Mlp, dense, layer_norm
 from jaxsora.models.rope import rope_angles
+from jaxsora.models.sincos import sincos_2d
 from jaxsora.models.text import CaptionEncoder
 from jaxsora.sharding import constrain
 
@@ -46,6 +53,17 @@ class DiTConfig:
     # (jaxsora/text/); 0: hashed ids and the model's own embedding table.
     text_embed_dim: int = 0
     rope_theta: float = 10_000.0
+    # The original DiT's options (the defaults are jaxsora's video DiT):
+    # > 0: class-conditional on this many classes (text.encoder = "class"): a label embedding
+    # with one more row for the null class, no caption encoder, no cross-attention.
+    num_classes: int = 0
+    positions: str = "rope"  # "rope" (3D rotary) or "sincos" (DiT's absolute 2D, added once)
+    qk_norm: bool = True  # RMSNorm on queries and keys (DiT: none)
+    learn_sigma: bool = False  # output 2x channels: [velocity | variance] (DiT's learned sigma)
+    # Timestep frequencies exp(-ln(10^4) i / (half - shift)): 0 is the DiT paper's code, 1 is
+    # diffusers' (`downscale_freq_shift=1`), the one a diffusers export computes.
+    time_freq_shift: int = 0
+    mlp_norm_eps: float = 1e-6  # the LayerNorm before the MLP (diffusers' norm_eps: 1e-5)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attention: str = "xla"
     remat: str = "none"  # what the backward pass recomputes: see REMAT_POLICIES
@@ -61,10 +79,33 @@ REMAT_POLICIES = {
 }
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-    """Sinusoidal features of t in [0, 1] (scaled by 1000 like DiT's integer steps)."""
+POSITIONS = ("rope", "sincos")
+
+
+def original_dit_fields(num_classes: int) -> dict:
+    """The DiTConfig fields that make the model the DiT paper's architecture (with diffusers'
+    timestep frequencies, so that it exports exactly: see `time_freq_shift`)."""
+    return dict(
+        num_classes=num_classes,
+        positions="sincos",
+        qk_norm=False,
+        learn_sigma=True,
+        time_freq_shift=1,
+        mlp_ratio=4.0,
+    )
+
+
+def timestep_embedding(
+    t: jax.Array, dim: int, max_period: float = 10_000.0, freq_shift: int = 0
+) -> jax.Array:
+    """Sinusoidal features of t in [0, 1] (scaled by 1000 like DiT's integer steps), cosines
+    first; `freq_shift`: see DiTConfig.time_freq_shift."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    # This operation order is diffusers' (and was ours before freq_shift): float32 rounding of
+    # the frequencies shows at t * 1000.
+    freqs = jnp.exp(
+        -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    )
     args = 1000.0 * t[..., None].astype(jnp.float32) * freqs
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
@@ -76,11 +117,18 @@ def modulate(x, shift, scale):
 class DiTBlock(nnx.Module):
     def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs, dtype):
         D = cfg.width
+        self.mlp_norm_eps = cfg.mlp_norm_eps
         self.ada = dense(D, 6 * D, ("embed", "mlp"), rngs, dtype, zero=True)
-        self.self_attn = Attention(D, cfg.num_heads, rngs, dtype, cfg.attention)
+        self.self_attn = Attention(
+            D, cfg.num_heads, rngs, dtype, cfg.attention, qk_norm=cfg.qk_norm
+        )
         # Cross-attention keys are the S*Lt caption tokens: short, never split over `context`,
         # so the dense masked path is the right one whatever backend self-attention uses.
-        self.cross_attn = Attention(D, cfg.num_heads, rngs, dtype, "xla", cross=True)
+        self.cross_attn = (
+            None
+            if cfg.num_classes
+            else Attention(D, cfg.num_heads, rngs, dtype, "xla", cross=True, qk_norm=cfg.qk_norm)
+        )
         self.mlp = Mlp(D, int(cfg.mlp_ratio * D), rngs, dtype)
 
     def __call__(self, x_BLD, c_BKD, row_BL, seg_BL, angles, ctx_BMD, ctx_seg_BM):
@@ -88,8 +136,9 @@ class DiTBlock(nnx.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod_BLD6, 6, axis=-1)
         h = modulate(layer_norm(x_BLD), shift1, scale1)
         x_BLD = x_BLD + gate1 * self.self_attn(h, h, seg_BL, seg_BL, angles)
-        x_BLD = x_BLD + self.cross_attn(layer_norm(x_BLD), ctx_BMD, seg_BL, ctx_seg_BM)
-        h = modulate(layer_norm(x_BLD), shift2, scale2)
+        if self.cross_attn is not None:
+            x_BLD = x_BLD + self.cross_attn(layer_norm(x_BLD), ctx_BMD, seg_BL, ctx_seg_BM)
+        h = modulate(layer_norm(x_BLD, self.mlp_norm_eps), shift2, scale2)
         return x_BLD + gate2 * self.mlp(h)
 
 
@@ -101,19 +150,34 @@ class DiT(nnx.Module):
         self.patch_in = dense(cfg.patch_dim, D, ("patch", "embed"), rngs, dtype)
         self.time_mlp1 = dense(256, D, (None, "embed"), rngs, dtype)
         self.time_mlp2 = dense(D, D, ("embed", "mlp"), rngs, dtype)
-        self.captions = CaptionEncoder(
-            cfg.text_vocab,
-            cfg.text_len,
-            cfg.text_width,
-            cfg.text_depth,
-            cfg.text_heads,
-            rngs,
-            dtype,
-            cfg.attention,
-            embed_dim=cfg.text_embed_dim,
-        )
-        self.caption_pool = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
-        self.caption_proj = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
+        if cfg.positions not in POSITIONS:
+            raise ValueError(f"config model.positions={cfg.positions!r} is not one of {POSITIONS}")
+        if cfg.num_classes:
+            # Row num_classes is the null class (guidance), as DiT's LabelEmbedding with dropout.
+            self.label_embed = nnx.Embed(
+                cfg.num_classes + 1,
+                D,
+                embedding_init=nnx.with_partitioning(
+                    nnx.initializers.normal(0.02), ("vocab", "embed")
+                ),
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                rngs=rngs,
+            )
+        else:
+            self.captions = CaptionEncoder(
+                cfg.text_vocab,
+                cfg.text_len,
+                cfg.text_width,
+                cfg.text_depth,
+                cfg.text_heads,
+                rngs,
+                dtype,
+                cfg.attention,
+                embed_dim=cfg.text_embed_dim,
+            )
+            self.caption_pool = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
+            self.caption_proj = dense(cfg.text_width, D, ("embed", "mlp"), rngs, dtype)
         if cfg.remat not in ("none", *REMAT_POLICIES):
             raise ValueError(
                 f"config model.remat={cfg.remat!r} is not one of {('none', *REMAT_POLICIES)}"
@@ -129,7 +193,8 @@ class DiT(nnx.Module):
         else:
             self.blocks = nnx.List([DiTBlock(cfg, rngs, dtype) for _ in range(cfg.depth)])
         self.final_ada = dense(D, 2 * D, ("embed", "mlp"), rngs, dtype, zero=True)
-        self.patch_out = dense(D, cfg.patch_dim, ("embed", "patch"), rngs, dtype, zero=True)
+        out_dim = cfg.patch_dim * (2 if cfg.learn_sigma else 1)
+        self.patch_out = dense(D, out_dim, ("embed", "patch"), rngs, dtype, zero=True)
 
     def __call__(
         self,
@@ -140,21 +205,33 @@ class DiT(nnx.Module):
         text_BSLt: jax.Array,
         text_mask_BSLt: jax.Array,
         cond_mask_BL: jax.Array | None = None,
+        *,
+        all_channels: bool = False,
     ) -> jax.Array:
         """Predicted velocity [B, L, P] for noisy patches x at per-segment times t; tokens in
         `cond_mask_BL` are clean conditioning, seen at time 0. `text_BSLt`: caption ids [B, S,
-        Lt], or a frozen encoder's embeddings [B, S, Lt, Dt] (`text_embed_dim`); a caption whose
-        mask is all False is the null caption."""
+        Lt], or a frozen encoder's embeddings [B, S, Lt, Dt] (`text_embed_dim`), or class
+        labels [B, S, 1] (`num_classes`); a caption whose mask is all False is the null caption
+        (the null class). `all_channels`: with `learn_sigma`, [velocity | variance] [B, L, 2P]."""
         cfg = self.cfg
         B, S, Lt = text_mask_BSLt.shape
         dtype = jnp.dtype(cfg.dtype)
         x = self.patch_in(x_BLP.astype(dtype))
+        if cfg.positions == "sincos":
+            x = x + sincos_2d(positions_BL3, cfg.width).astype(dtype)
         t_BK = jnp.concatenate([t_BS, jnp.zeros_like(t_BS)], axis=1)  # K = 2S rows: t, then 0
-        t_emb = self.time_mlp2(
-            jax.nn.silu(self.time_mlp1(timestep_embedding(t_BK, 256).astype(dtype)))
-        )
-        text_BSLtE, pooled_BSE, text_mask_BSLt = self.captions(text_BSLt, text_mask_BSLt)
-        pooled_BSD = self.caption_pool(pooled_BSE)
+        t_feat = timestep_embedding(t_BK, 256, freq_shift=cfg.time_freq_shift)
+        t_emb = self.time_mlp2(jax.nn.silu(self.time_mlp1(t_feat.astype(dtype))))
+        if cfg.num_classes:
+            label_BS = jnp.where(text_mask_BSLt[..., 0], text_BSLt[..., 0], cfg.num_classes)
+            pooled_BSD = self.label_embed(label_BS)
+            ctx_BMD = ctx_seg_BM = None
+        else:
+            text_BSLtE, pooled_BSE, text_mask_BSLt = self.captions(text_BSLt, text_mask_BSLt)
+            pooled_BSD = self.caption_pool(pooled_BSE)
+            ctx_BMD = self.caption_proj(text_BSLtE).reshape(B, S * Lt, -1)
+            seg_of_caption = jnp.arange(1, S + 1, dtype=jnp.int32)[None, :, None]
+            ctx_seg_BM = jnp.where(text_mask_BSLt, seg_of_caption, 0).reshape(B, S * Lt)
         c_BKD = t_emb + jnp.concatenate([pooled_BSD, pooled_BSD], axis=1)
         # The per-segment conditioning is tiny ([B, 2S, D]) and every ada layer contracts its
         # whole width, so keep that width unsplit. Left as time_mlp2/caption_pool produce it
@@ -164,14 +241,16 @@ class DiT(nnx.Module):
         # caption encoders', came out wrong on data x fsdp x tensor meshes.
         c_BKD = constrain(c_BKD, ("batch", None, None))
         row_BL = conditioning_rows(segment_ids_BL, cond_mask_BL, S)
-        ctx_BMD = self.caption_proj(text_BSLtE).reshape(B, S * Lt, -1)
-        seg_of_caption = jnp.arange(1, S + 1, dtype=jnp.int32)[None, :, None]
-        ctx_seg_BM = jnp.where(text_mask_BSLt, seg_of_caption, 0).reshape(B, S * Lt)
-        angles = rope_angles(positions_BL3, cfg.width // cfg.num_heads, cfg.rope_theta)
+        angles = (
+            rope_angles(positions_BL3, cfg.width // cfg.num_heads, cfg.rope_theta)
+            if cfg.positions == "rope"
+            else None
+        )
         x = constrain(x, ("batch", "length", "embed"))
         x = self._run_blocks(x, c_BKD, row_BL, segment_ids_BL, angles, ctx_BMD, ctx_seg_BM)
         shift, scale = jnp.split(per_segment(self.final_ada(jax.nn.silu(c_BKD)), row_BL), 2, -1)
-        return self.patch_out(modulate(layer_norm(x), shift, scale)).astype(jnp.float32)
+        out = self.patch_out(modulate(layer_norm(x), shift, scale)).astype(jnp.float32)
+        return out if all_channels else out[..., : cfg.patch_dim]
 
     def _run_blocks(self, x, *context):
         if not self.cfg.scan_layers:

@@ -38,12 +38,12 @@ def dense(
     )
 
 
-def layer_norm(x: jax.Array) -> jax.Array:
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Parameter-free LayerNorm in float32 (adaLN supplies the scale and shift)."""
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -57,7 +57,8 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with QK-norm; RoPE when angles are given (self-attention).
+    """Multi-head attention with QK-norm (unless `qk_norm=False`, as in the original DiT); RoPE
+    when angles are given (self-attention).
 
     `cross=True`: the keys are another sequence (captions) that every query needs whole, so
     their token axis is never split over `context`. Splitting it is also what made XLA (GSPMD
@@ -74,6 +75,7 @@ class Attention(nnx.Module):
         backend: str,
         kv_width: int | None = None,
         cross: bool = False,
+        qk_norm: bool = True,
     ):
         if width % num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
@@ -84,20 +86,18 @@ class Attention(nnx.Module):
         self.k = dense(kv_width, width, ("embed", "heads"), rngs, dtype)
         self.v = dense(kv_width, width, ("embed", "heads"), rngs, dtype)
         self.out = dense(width, width, ("heads", "embed"), rngs, dtype)
-        self.q_norm = RMSNorm(self.head_dim, ("kv",))
-        self.k_norm = RMSNorm(self.head_dim, ("kv",))
+        self.q_norm = RMSNorm(self.head_dim, ("kv",)) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, ("kv",)) if qk_norm else None
 
     def __call__(self, x_BLD, kv_BMD, seg_q_BL, seg_kv_BM, angles_BLK2=None):
         B, L, _ = x_BLD.shape
         M = kv_BMD.shape[1]
         heads = ("batch", "length", "heads", "kv")
-        q = constrain(
-            self.q_norm(self.q(x_BLD).reshape(B, L, self.num_heads, self.head_dim)), heads
-        )
-        k = constrain(
-            self.k_norm(self.k(kv_BMD).reshape(B, M, self.num_heads, self.head_dim)),
-            self.kv_names,
-        )
+        q = self.q(x_BLD).reshape(B, L, self.num_heads, self.head_dim)
+        k = self.k(kv_BMD).reshape(B, M, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = constrain(q, heads), constrain(k, self.kv_names)
         v = constrain(self.v(kv_BMD).reshape(B, M, self.num_heads, self.head_dim), self.kv_names)
         if angles_BLK2 is not None:
             q, k = apply_rope(q, angles_BLK2), apply_rope(k, angles_BLK2)
