@@ -176,6 +176,8 @@ def synthetic_example(rng: np.random.Generator, spec, patch_dim: int) -> packing
     n = t * h * w
     positions = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"), -1)
     caption = " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 12))))
+    if spec.text.encoder == captions.CLASS:  # a class-conditional model: one of its classes
+        caption = str(rng.choice(spec.text.class_names))
     return {
         "patches": rng.uniform(-1, 1, (n, patch_dim)).astype(np.float32),
         "positions": positions.reshape(n, 3).astype(np.int32),

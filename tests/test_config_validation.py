@@ -17,7 +17,8 @@ def with_value(config, field: str, value):
     *groups, key = field.split(".")
     for g in groups:
         node = node[g]
-    del node[key]
+    if key in node:
+        del node[key]
     node[key] = value
     return config
 
@@ -85,7 +86,11 @@ DIT_FIELD_CASES = [
     ("sample.seq_len", 0, "an integer >= 1"),
     ("sample.solver", "rk4", "one of ('euler', 'heun')"),
     ("sample.image_guidance", -1.0, "a number >= 0"),
-    ("text.encoder", "clip", "one of ('hashed', 'minilm', 't5', 'umt5')"),
+    ("text.encoder", "clip", "one of ('hashed', 'minilm', 't5', 'umt5', 'class')"),
+    ("model.positions", "learned", "one of ('rope', 'sincos')"),
+    ("model.qk_norm", 1, "True or False"),
+    ("model.time_freq_shift", 2, "one of (0, 1)"),
+    ("model.mlp_norm_eps", 0.0, "a number > 0"),
 ]
 
 
@@ -144,6 +149,30 @@ def test_a_t5_encoder_without_its_checkpoint_and_a_bad_task_mix_fail_in_validate
 )
 def test_fields_that_disagree_name_both(changes, expected):
     config = runlocal_config("unused")
+    for field, value in changes.items():
+        with_value(config, field, value)
+    assert_one_line_error(trainer.validate, config, expected)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"text.class_names": []}, "bad config: text.class_names=[] must list the class names"),
+        ({"text.class_names": ["a", "a"]}, "bad config: text.class_names=['a', 'a'] repeats"),
+        ({"model.text_len": 4}, "bad config: model.text_len=4 must be 1 for text.encoder='class'"),
+        ({"data.max_frames": 4}, "bad config: model.positions='sincos' is the DiT paper's"),
+        (
+            {"model.width": 34, "model.num_heads": 1},
+            "bad config: model.width=34 must be divisible by 4",
+        ),
+    ],
+)
+def test_a_bad_original_dit_config_is_refused(changes, expected):
+    from experiments import dit_image
+
+    config = dit_image.get_config("runlocal")
+    config.data.data_dir = "unused"
+    trainer.validate(config)
     for field, value in changes.items():
         with_value(config, field, value)
     assert_one_line_error(trainer.validate, config, expected)

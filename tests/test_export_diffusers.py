@@ -23,8 +23,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from jaxsora import sample as sampler  # noqa: E402
 from jaxsora import train as trainer  # noqa: E402
-from jaxsora.data import packing, video  # noqa: E402
 from jaxsora.export import diffusers_dit, tables  # noqa: E402
+from jaxsora.export import dit as dit_export  # noqa: E402
 from jaxsora.export.__main__ import main as export_cli  # noqa: E402
 from jaxsora.models.dit import make_model  # noqa: E402
 from tests.conftest import randomize_params  # noqa: E402
@@ -54,65 +54,13 @@ def _diffusers_model(cfg, **config):
     return DiTTransformer2DModel(**{**diffusers_dit.diffusers_config(cfg, C, SIZE), **config})
 
 
-def _pack(images, labels):
-    """Images [N, H, W, C] with labels (None: the null class) as one pack of N segments."""
-    examples, grids = [], []
-    for image, label in zip(images, labels, strict=True):
-        patches, positions = video.patchify(image[None], (1, P, P))
-        grid = (1, image.shape[0] // P, image.shape[1] // P)
-        examples.append(
-            {
-                "patches": patches,
-                "positions": positions,
-                "grid": np.array(grid, np.int32),
-                "cond": np.zeros(len(patches), bool),
-                "text_ids": np.array([label or 0], np.int32),
-                "text_mask": np.array([label is not None]),
-            }
-        )
-        grids.append(grid)
-    n = sum(len(e["patches"]) for e in examples)
-    shape = packing.PackShape(n + 8, len(images) + 1, P * P * C, 1)  # some padding too
-    return packing.stack_packs([packing.build_pack(examples, shape)]), grids
-
-
 def _jax_images(model, images, t, labels):
-    """The JAX model's output per image, [N, H, W, 2C] (velocity then variance channels)."""
-    batch, grids = _pack(images, labels)
-    t_BS = np.zeros(batch["grid"].shape[:2], np.float32)
-    t_BS[0, : len(t)] = t
-    out = np.asarray(
-        model(
-            batch["tokens"],
-            t_BS,
-            batch["segment_ids"],
-            batch["positions"],
-            batch["text_ids"],
-            batch["text_mask"],
-            all_channels=True,
-        )
-    )[0]
-    seg = batch["segment_ids"][0]
-    pd = P * P * C
-    halves = [
-        np.concatenate(
-            [
-                video.unpatchify(out[seg == k + 1][:, h * pd : (h + 1) * pd], grid, (1, P, P))[0]
-                for h in range(2)
-            ],
-            axis=-1,
-        )
-        for k, grid in enumerate(grids)
-    ]
-    return np.stack(halves)
+    return diffusers_dit.forward_images(model, images, t, labels)
 
 
 def _diffusers_images(model, images, t, labels, num_classes):
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    y = torch.tensor([num_classes if label is None else label for label in labels])
-    with torch.no_grad():
-        out = model(x, timestep=torch.from_numpy(1000.0 * t), class_labels=y).sample
-    return out.numpy().transpose(0, 2, 3, 1)
+    assert model.config.num_embeds_ada_norm == num_classes
+    return diffusers_dit.diffusers_forward_images(model, images, t, labels)
 
 
 def _inputs(seed=0, small_t=False):
@@ -220,6 +168,16 @@ def test_cli_exports_a_trained_run_that_diffusers_loads_and_imports_it_back(data
     flat = lambda m: diffusers_dit.state_dict(m, C)  # noqa: E731
     for k, v in flat(a).items():
         np.testing.assert_array_equal(v, flat(b)[k], err_msg=k)
+    # The generic safetensors format holds a class-conditional model too (not the torch
+    # package, which runs the caption-conditioned DiT).
+    plain, plain_back = str(tmp_path / "plain"), str(tmp_path / "plain_back")
+    dit_export.export_dit(run, plain)
+    dit_export.import_dit(plain, plain_back)
+    for k, v in flat(a).items():
+        np.testing.assert_array_equal(v, flat(sampler.load_run(plain_back)[0])[k], err_msg=k)
+    with pytest.raises(ValueError, match="--format diffusers"):
+        dit_export.check_torch_package(dit_export.saved_run(run)[1])
+
     _, back_config = sampler.load_run(back)
     back_config.total_steps = 1
     back_config.allow_schedule_change = True

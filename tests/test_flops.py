@@ -35,11 +35,23 @@ def loss_einsum_flops(batch) -> int:
 
 @pytest.mark.parametrize(
     "remat,scan,text",
-    [("none", False, "hashed"), ("full", True, "hashed"), ("dots", True, "minilm")],
+    [
+        ("none", False, "hashed"),
+        ("full", True, "hashed"),
+        ("dots", True, "minilm"),
+        ("none", True, "class"),
+    ],
 )
 def test_hardware_count_is_every_matmul_of_the_traced_step(remat, scan, text):
-    """`minilm`: the frozen encoder's embeddings come in the pack, projected by the DiT."""
-    config = tiny.get_config(f"text={text}")
+    """`minilm`: the frozen encoder's embeddings come in the pack, projected by the DiT.
+    `class`: the original-DiT configuration (experiments/dit_image.py): no captions, no
+    cross-attention, twice the output channels."""
+    if text == "class":
+        from experiments import dit_image
+
+        config = dit_image.get_config()
+    else:
+        config = tiny.get_config(f"text={text}")
     config.model.remat, config.model.scan_layers, config.model.depth = remat, scan, 2
     batch = synthetic_batch(config)
     counted = flops.train_step_flops(trainer.dit_config(config), batch).hardware

@@ -423,3 +423,77 @@ def state_dict(model, channels: int) -> dict[str, np.ndarray]:
         k: e.transform.to_torch(flat[e.path] if e.layer is None else flat[e.path][e.layer])
         for k, e in table.items()
     }
+
+
+# --------------------------------------------------------------------------------------------
+# The two models on the same images (parity checks: tests/test_export_diffusers.py, benchmarks)
+# --------------------------------------------------------------------------------------------
+
+
+def forward_images(model, images: np.ndarray, t: np.ndarray, labels: list) -> np.ndarray:
+    """Our original-DiT model called as diffusers calls its DiT: images [N, H, W, C] (the
+    stage's channels), t [N] in [0, 1], labels (None: the null class) -> [N, H, W, 2C] (velocity
+    then variance channels, diffusers' mean/variance order), the images packed as N segments."""
+    from jaxsora.data import packing, video
+
+    cfg = model.cfg
+    c = images.shape[-1]
+    p = _patch_size(cfg, c)
+    patch = (1, p, p)
+    examples, grids = [], []
+    for image, label in zip(images, labels, strict=True):
+        patches, positions = video.patchify(image[None], patch)
+        grids.append((1, image.shape[0] // p, image.shape[1] // p))
+        examples.append(
+            {
+                "patches": patches,
+                "positions": positions,
+                "grid": np.array(grids[-1], np.int32),
+                "cond": np.zeros(len(patches), bool),
+                "text_ids": np.array([label or 0], np.int32),
+                "text_mask": np.array([label is not None]),
+            }
+        )
+    n = sum(len(e["patches"]) for e in examples)
+    shape = packing.PackShape(n + 8, len(images) + 1, cfg.patch_dim, 1)  # and some padding
+    batch = packing.stack_packs([packing.build_pack(examples, shape)])
+    t_BS = np.zeros(batch["grid"].shape[:2], np.float32)
+    t_BS[0, : len(t)] = t
+    out = np.asarray(
+        model(
+            batch["tokens"],
+            t_BS,
+            batch["segment_ids"],
+            batch["positions"],
+            batch["text_ids"],
+            batch["text_mask"],
+            all_channels=True,
+        )
+    )[0]
+    seg, pd = batch["segment_ids"][0], cfg.patch_dim
+    halves = 2 if cfg.learn_sigma else 1
+    return np.stack(
+        [
+            np.concatenate(
+                [
+                    video.unpatchify(out[seg == k + 1][:, h * pd : (h + 1) * pd], grid, patch)[0]
+                    for h in range(halves)
+                ],
+                axis=-1,
+            )
+            for k, grid in enumerate(grids)
+        ]
+    )
+
+
+def diffusers_forward_images(model, images: np.ndarray, t: np.ndarray, labels: list):
+    """A `DiTTransformer2DModel` on the same inputs as `forward_images` (timestep = 1000 t,
+    the null class = num_embeds_ada_norm) -> [N, H, W, out_channels]."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    null = model.config.num_embeds_ada_norm
+    y = torch.tensor([null if label is None else label for label in labels])
+    with torch.no_grad():
+        out = model(x, timestep=torch.from_numpy(1000.0 * t), class_labels=y).sample
+    return out.numpy().transpose(0, 2, 3, 1)

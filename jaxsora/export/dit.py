@@ -368,23 +368,10 @@ def export_dit(
     )
 
 
-def stream_export(
-    workdir: str,
-    out_dir: str,
-    layout: Layout,
-    *,
-    step: int | None = None,
-    use_ema: bool = True,
-    max_shard_bytes: int = 2**30,
-) -> dict:
-    """`export_dit` in any `Layout`: the checkpoint's params streamed into safetensors."""
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    from jaxsora.checkpoint_checksums import named_leaves, verify_checksums
+def saved_run(workdir: str, step: int | None = None) -> tuple[int, dict, str]:
+    """(step, its saved run config, its directory) of a run's checkpoint (default: latest)."""
     from jaxsora.checkpointing import Checkpointer
 
-    t0 = time.perf_counter()
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; is it a jaxsora run?")
@@ -399,10 +386,39 @@ def stream_export(
                 f"{ckpt.step_dir(step)}: no committed checkpoint of step {step} (the latest is "
                 f"{ckpt.latest_step()})"
             )
-        saved = ckpt.saved_config(step)
-        where = ckpt.step_dir(step)
+        return step, ckpt.saved_config(step), ckpt.step_dir(step)
     finally:
         ckpt.close()
+
+
+def check_torch_package(saved: Mapping) -> None:
+    """The PyTorch package (torch_dit/) runs jaxsora's caption-conditioned DiT."""
+    if (saved.get("text") or {}).get("encoder") == "class":
+        raise ValueError(
+            "--format torch: the PyTorch package runs the caption-conditioned DiT, and this run "
+            "is class-conditional (text.encoder='class'); export its original-DiT model to "
+            "PyTorch with --format diffusers (DiTTransformer2DModel), or --format safetensors"
+        )
+
+
+def stream_export(
+    workdir: str,
+    out_dir: str,
+    layout: Layout,
+    *,
+    step: int | None = None,
+    use_ema: bool = True,
+    max_shard_bytes: int = 2**30,
+) -> dict:
+    """`export_dit` in any `Layout`: the checkpoint's params streamed into safetensors."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from jaxsora.checkpoint_checksums import named_leaves, verify_checksums
+
+    t0 = time.perf_counter()
+    workdir = os.path.abspath(workdir)
+    step, saved, where = saved_run(workdir, step)
     cfg = _dit_config(saved)
     layout.check(saved, cfg)
     prefix = "ema" if use_ema else "model"

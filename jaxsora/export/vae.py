@@ -90,7 +90,9 @@ class Rule:
     def match(self, key: str, *, reverse: bool = False) -> str | None:
         src, dst = (self.ours, self.diffusers) if reverse else (self.diffusers, self.ours)
         m = _template_regex(src).fullmatch(key)
-        return None if m is None else dst.replace("{m}", m["m"])
+        if m is None:
+            return None
+        return dst.replace("{m}", m["m"]) if "{m}" in src else dst
 
 
 @functools.cache
