@@ -85,13 +85,12 @@ def compare(original: str, exported: str, workdir: str) -> None:
     """Step 4 (a child): bitwise file equality, and diffusers vs JAX forward."""
     import numpy as np
     from diffusers import DiTTransformer2DModel
-    from safetensors.numpy import load_file
 
     from jaxsora import sample as sampler
     from jaxsora.export.diffusers_dit import diffusers_forward_images, forward_images
+    from jaxsora.export.tables import load_safetensors
 
-    name = "diffusion_pytorch_model.safetensors"
-    a, b = load_file(os.path.join(original, name)), load_file(os.path.join(exported, name))
+    a, b = load_safetensors(original), load_safetensors(exported)  # single or sharded
     bitwise = a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     del a, b
     theirs = DiTTransformer2DModel.from_pretrained(exported).eval()
@@ -131,7 +130,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf, run, back = (os.path.join(tmp, n) for n in ("hf", "run", "back"))
         make_s, make_mib, _ = _child([*me, "--step", "make", "--dirs", hf])
-        weights = os.path.getsize(os.path.join(hf, "diffusion_pytorch_model.safetensors"))
         cli = ["-m", "jaxsora.export"]
         import_s, import_mib, _ = _child(
             [*cli, "import-dit", "--src", hf, "--out", run, "--config", "experiments/dit_image.py"]
@@ -148,7 +146,8 @@ def main() -> None:
                 "benchmark": "export_dit_diffusers",
                 "size": args.size,
                 "num_params": summary["num_params"],
-                "model_mib": round(weights / 2**20, 1),
+                "model_mib": round(summary["total_bytes"] / 2**20, 1),
+                "export_files": len(summary["files"]),
                 "torch_make_s": round(make_s, 1),
                 "import_s": round(import_s, 1),
                 "import_peak_rss_mib": round(import_mib),

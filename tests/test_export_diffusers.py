@@ -177,6 +177,10 @@ def test_cli_exports_a_trained_run_that_diffusers_loads_and_imports_it_back(data
         np.testing.assert_array_equal(v, flat(sampler.load_run(plain_back)[0])[k], err_msg=k)
     with pytest.raises(ValueError, match="--format diffusers"):
         dit_export.check_torch_package(dit_export.saved_run(run)[1])
+    from jaxsora.export.torch_dit import load_pretrained
+
+    with pytest.raises(ValueError, match="DiTTransformer2DModel"):
+        load_pretrained(plain)
 
     _, back_config = sampler.load_run(back)
     back_config.total_steps = 1

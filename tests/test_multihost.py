@@ -124,7 +124,9 @@ def test_sigterm_to_one_host_saves_everywhere_and_resume_is_bitwise_exact(
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_checkpoint_written_on_2x2_restores_identically_on_1x4_and_1x1(straight_run, tmp_path):
+def test_checkpoint_written_on_2x2_restores_identically_on_1x4_and_1x1_and_exports(
+    straight_run, tmp_path
+):
     out = str(tmp_path / "restored_1x4.npz")
     done = subprocess.run(
         [sys.executable, "-m", "tests.restore_check", straight_run, "4", out],
@@ -141,6 +143,18 @@ def test_checkpoint_written_on_2x2_restores_identically_on_1x4_and_1x1(straight_
     assert set(on_one) == set(on_four.files) - {"__shards__"}
     for name, value in on_one.items():
         np.testing.assert_array_equal(value, on_four[name], err_msg=name)
+
+    # The DiT export streams the 2-process checkpoint here, in one process, leaf by leaf: the
+    # file holds exactly the weights a whole restore gives (jaxsora/export/dit.py).
+    from jaxsora.export import dit as dit_export
+    from jaxsora.export import tables
+
+    summary = dit_export.export_dit(straight_run, str(tmp_path / "export"))
+    exported = tables.load_safetensors(summary["out_dir"])
+    whole = dit_export.torch_state_dict(load_run(straight_run)[0])
+    assert exported.keys() == whole.keys()
+    for name, value in whole.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
 
 
 def test_sigkill_of_a_peer_ends_the_job_and_leaves_the_last_checkpoint_usable(data_dir, tmp_path):

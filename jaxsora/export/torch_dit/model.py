@@ -50,8 +50,26 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> DiTConfig:
+        other = {k: d[k] for k, v in VIDEO_DIT_ONLY.items() if k in d and d[k] != v}
+        if other:
+            raise ValueError(
+                f"this package runs jaxsora's caption-conditioned video DiT; the config has "
+                f"{other} (an original-DiT model: load its --format diffusers export with "
+                "diffusers.DiTTransformer2DModel)"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# jaxsora DiTConfig fields of its original-DiT configuration, at the values this package runs.
+VIDEO_DIT_ONLY = {
+    "num_classes": 0,
+    "positions": "rope",
+    "qk_norm": True,
+    "learn_sigma": False,
+    "time_freq_shift": 0,
+    "mlp_norm_eps": 1e-6,
+}
 
 
 class RMSNorm(nn.Module):
