@@ -573,6 +573,15 @@ def check_unique_outputs(requests: list[Request], lines: list[int], path: str) -
         first_line[stem] = lineno
 
 
+def check_caption(request: Request, config, extender) -> None:
+    """A prompt the run cannot read (a class-conditional run's prompt naming none of its
+    classes, or two) fails here, naming the request, before anything is compiled."""
+    try:
+        captions.text_fields(extender(request.prompt), captions.text_spec(config))
+    except captions.UnknownClassError as e:
+        raise app.UsageError(f"request {request.name!r}: {e}") from None
+
+
 def warn_if_wordless(request: Request, where: str) -> None:
     """A prompt with no letter or digit is read as the empty caption: unconditional samples."""
     if not caption_words(request.prompt):
@@ -637,6 +646,7 @@ def main(argv):
     )
     for r in requests:
         request_grid(r, config)  # bad sizes fail before anything is compiled
+        check_caption(r, config, extender)
     watch = PreemptionWatch(distributed=False)
     sc = config.sample
     try:
