@@ -2,6 +2,7 @@
 parity, one JSON line.
 
     python -m benchmarks.export_dit --size XL     # DiT-XL/2's transformer (675M parameters)
+    python -m benchmarks.export_dit --workdir runs/dit_image   # a trained original-DiT run
 
 1. a random `DiTTransformer2DModel` of the size (PyTorch, every weight perturbed, embedders tied
    across blocks as converted checkpoints have them) is saved with `save_pretrained`;
@@ -11,9 +12,11 @@ parity, one JSON line.
 4. the export is compared with the original file (bit for bit) and its diffusers forward with
    the JAX model's on two images (relative error at small and large t).
 
-Each step runs in a child process whose peak resident memory (ru_maxrss) is reported beside the
-model's float32 size. Pixel channels (3) stand in for SD's 4 latent channels: the transformer is
-otherwise DiT's (1000 classes, patch 2, learned sigma).
+With --workdir, a trained run replaces steps 1-2: it is exported, the export imported, the
+import exported again and compared with the first export. Each step runs in a child process
+whose peak resident memory (ru_maxrss) is reported beside the model's float32 size. Pixel
+channels (3) stand in for SD's 4 latent channels: the transformer is otherwise DiT's (1000
+classes, patch 2, learned sigma).
 """
 
 from __future__ import annotations
@@ -115,6 +118,9 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--patch", type=int, default=2)
     parser.add_argument("--sample_size", type=int, default=32)
+    parser.add_argument(
+        "--workdir", help="a trained original-DiT run to round-trip instead of a random model"
+    )
     parser.add_argument("--step", choices=("make", "compare"), help=argparse.SUPPRESS)
     parser.add_argument("--dirs", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,18 +130,28 @@ def main() -> None:
     if args.step == "compare":
         return compare(*args.dirs)
 
-    me = ["-m", "benchmarks.export_dit", "--size", args.size, "--classes", str(args.classes)]
-    me += ["--channels", str(args.channels), "--patch", str(args.patch)]
-    me += ["--sample_size", str(args.sample_size)]
+    me = ["-m", "benchmarks.export_dit"]
+    cli = ["-m", "jaxsora.export"]
     with tempfile.TemporaryDirectory() as tmp:
         hf, run, back = (os.path.join(tmp, n) for n in ("hf", "run", "back"))
-        make_s, make_mib, _ = _child([*me, "--step", "make", "--dirs", hf])
-        cli = ["-m", "jaxsora.export"]
-        import_s, import_mib, _ = _child(
-            [*cli, "import-dit", "--src", hf, "--out", run, "--config", "experiments/dit_image.py"]
-        )
+        if args.workdir:  # a trained run: export it, import the export, export that again
+            run = os.path.abspath(args.workdir)
+            first = [*cli, "export-dit", "--workdir", run, "--format", "diffusers", "--out", hf]
+            _child(first)
+            import_cmd = [*cli, "import-dit", "--src", hf, "--out", os.path.join(tmp, "run")]
+            make_s = make_mib = 0.0
+            again = os.path.join(tmp, "run")
+        else:
+            size = ["--size", args.size, "--classes", str(args.classes)]
+            size += ["--channels", str(args.channels), "--patch", str(args.patch)]
+            size += ["--sample_size", str(args.sample_size)]
+            make_s, make_mib, _ = _child([*me, *size, "--step", "make", "--dirs", hf])
+            import_cmd = [*cli, "import-dit", "--src", hf, "--out", run]
+            import_cmd += ["--config", "experiments/dit_image.py"]
+            again = run
+        import_s, import_mib, _ = _child(import_cmd)
         export_s, export_mib, out = _child(
-            [*cli, "export-dit", "--workdir", run, "--format", "diffusers", "--out", back]
+            [*cli, "export-dit", "--workdir", again, "--format", "diffusers", "--out", back]
         )
         summary = json.loads(out.strip().splitlines()[-1])
         _, compare_mib, out = _child([*me, "--step", "compare", "--dirs", hf, back, run])
@@ -144,7 +160,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "export_dit_diffusers",
-                "size": args.size,
+                "model": args.workdir or f"random DiT-{args.size}",
                 "num_params": summary["num_params"],
                 "model_mib": round(summary["total_bytes"] / 2**20, 1),
                 "export_files": len(summary["files"]),
