@@ -110,24 +110,12 @@ def _export_dit(args) -> None:
     print(json.dumps({"exported": args.workdir, "format": args.format, "out": args.out, **summary}))
 
 
-def _load_config(spec: str):
-    """`path/to/config.py[:args]` -> its get_config(args), as the trainers' --config reads it."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {spec}: no such file {path}")
-    module_spec = importlib.util.spec_from_file_location("jaxsora_import_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
 def _import_dit(args) -> None:
+    from jaxsora.config_files import load_config
     from jaxsora.export import diffusers_dit
     from jaxsora.export.dit import import_dit
 
-    config = _load_config(args.config) if args.config else None
+    config = load_config(args.config) if args.config else None
     if diffusers_dit.is_diffusers_dit(args.src):
         step = diffusers_dit.import_diffusers(args.src, args.out, config=config)
     else:
