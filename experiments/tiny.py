@@ -115,6 +115,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.flow.loss_weighting = "segment"  # or "token"
     c.flow.caption_dropout = 0.1  # for classifier-free guidance
 
+    # Validation (jaxsora/validation.py): every `every` steps, the loss at `timesteps` fixed
+    # times on `packs` held-out packs of `split`, the same noise for every run (0 = off).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 250
+    c.eval.packs = 8
+    c.eval.timesteps = 8
+    c.eval.seed = 0
+    c.eval.split = "validation"
+
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
@@ -160,4 +169,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.seq_len, c.data.max_tokens, c.data.min_tokens = 256, 128, 16
         c.data.buffer_size = 16
         c.sample.steps, c.sample.seq_len = 4, 256
+        c.eval.every, c.eval.packs = 0, 2  # tests turn it on where they test it
     return c

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxsora import config_checks, flops, sharding
+from jaxsora import config_checks, flops, sharding, validation
 from jaxsora.checkpointing import Checkpointer, abstract_like, resume_check
 from jaxsora.compression import make_stage
 from jaxsora.data import captions, pipeline, prefetch, tasks
@@ -133,6 +133,12 @@ DIT_CHECKS = (
     config_checks.integer("sample.seq_len", 1),
     config_checks.number("sample.image_guidance", 0.0, optional=True),
     config_checks.one_of("sample.solver", flow.SOLVERS, optional=True),
+    config_checks.integer(
+        "eval.every", 0, why="steps between validations; 0 = never", optional=True
+    ),
+    config_checks.integer("eval.packs", 1, why="held-out packs, over all processes", optional=True),
+    config_checks.integer("eval.timesteps", 1, optional=True),
+    config_checks.integer("eval.seed", 0, optional=True),
 )
 
 
@@ -409,7 +415,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     )
 
     # ----------------------------------------------------------------------------- input pipeline
-    batches = prefetch.from_config(pipeline.make_batches(config, stage), config)
+    # Counted as the loop takes them: the run's cumulative model FLOPs (jaxsora/validation.py).
+    batches = validation.CountedBatches(
+        prefetch.from_config(pipeline.make_batches(config, stage), config)
+    )
 
     # ------------------------------------------------------------------------ model and optimizer
     graphdef, state = nnx.split(create_train_state(config, mesh, rules))
@@ -445,10 +454,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     peak, peak_source = flops.device_peak(config.peak_flops_per_device)
     logging.info("peak %.3g FLOP/s per device (%s)", peak, peak_source)
 
+    every = validation.eval_every(config)
+    validator = validation.Validator(config, stage, graphdef, mesh, rules) if every else None
+
     # --------------------------------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, config.total_steps, resumed_at=start)
     preemption = PreemptionWatch(distributed)
-    interval = _Interval(dit_config(config))
+    cfg = dit_config(config)
+    interval = _Interval(cfg)
     finite = functools.partial(check_finite_or_wait, ckpt)
     last: dict = {}
     pending = None  # metrics of the step in flight: read one step late so the host never waits
@@ -466,9 +479,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
         if log or save:  # a checkpoint is written only once its own step passed the check
             interval.add_metrics(finite(*pending))
             pending = None
+        val = {}
+        if every and (step % every == 0 or step == config.total_steps):  # not at a stop
+            t0 = time.perf_counter()
+            val = validator(state)
+            interval.start += time.perf_counter() - t0  # step_time_s is the training's alone
+        if val or log:
+            val["model_flops_total"] = batches.model_flops(cfg)
         if log:
-            last = interval.summary(peak, mesh.size, batches.skipped)
+            last = {**interval.summary(peak, mesh.size, batches.skipped), **val}
             writer.write(step, last)
+        elif val:  # a validation step between log lines: its own row
+            writer.write(step, val)
         if save:
             t0 = time.perf_counter()
             ckpt.save(step, state.to_pure_dict(), batches, config.to_json())

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from experiments import vae_tiny
-from jaxsora import sharding, training
+from jaxsora import sharding, training, validation
 from jaxsora import train as trainer
 from jaxsora.checkpointing import (
     CheckpointCorruptError,
@@ -64,7 +64,7 @@ def copy_run(run, tmp_path) -> str:
 def restore(workdir, config, target, **checkpointer):
     """What train() does at start-up: (step, state) or None, and the data iterator."""
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, **checkpointer)
-    batches = pipeline.make_batches(config, make_stage(config.model))
+    batches = validation.CountedBatches(pipeline.make_batches(config, make_stage(config.model)))
     try:
         return ckpt.restore_latest(target, batches, resume_check(config)), batches
     finally:
@@ -203,7 +203,7 @@ def test_another_process_count_is_the_only_fresh_start_of_the_stream(
         (step, _), batches = restore(workdir, config, target)
     assert step == 6  # the weights resume; the position is per process, so the stream restarts
     assert "data iterator starts afresh" in caplog.text and "written by 2 processes" in caplog.text
-    fresh = pipeline.make_batches(config, make_stage(config.model))
+    fresh = validation.CountedBatches(pipeline.make_batches(config, make_stage(config.model)))
     assert batches.get_state() == fresh.get_state()
 
 

@@ -1,0 +1,146 @@
+"""Validation during training: a fixed-timestep loss on held-out packs, and the run's cumulative
+model FLOPs, so that runs of any size are comparable on one axis (SD3's validation loss; the
+video-DiT scaling study's loss-vs-compute curves).
+
+The validation loss is the rectified-flow loss averaged over `eval.timesteps` equidistant times
+(t_k = (k + 1/2) / K, no resolution shift), each at the same noise, on the same `eval.packs`
+packs of the `eval.split` split (clips the run never trains on), built once with `eval.seed`,
+text-to-video only and without caption dropout: a pure function of the weights, equal for every
+run and every step whatever its own seed, task mix or schedule. It is computed every
+`eval.every` steps (0: never) and written beside the training metrics as `val_loss` and
+`val_loss_t<k>` (one per time).
+
+Cumulative model FLOPs (`model_flops_total`, jaxsora/flops.py's count over real tokens) are the
+sum over every batch trained on. `CountedBatches` adds up each batch's model work (token, segment
+and pair counts, exact integers) as the loop takes it and keeps the sums in the data iterator's
+checkpointed state, so a resumed run continues the same count (a checkpoint written before this
+existed resumes its count from zero, logged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from jaxsora import flops
+from jaxsora.diffusion import flow
+
+WORK_KEY = "model_work"  # in the data iterator's saved state
+
+
+class CountedBatches:
+    """The training batches, counting the model work they carry (see the module docstring)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.work = flops.Work(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.inner)
+        w = flops.model_work(batch["segment_ids"], batch["text_mask"])
+        pairs = zip(_fields(self.work), _fields(w), strict=True)
+        self.work = flops.Work(*(a + float(b) for a, b in pairs))
+        return batch
+
+    def __getattr__(self, name):  # skipped, close, ...: the pipeline's own
+        return getattr(self.inner, name)
+
+    def get_state(self) -> dict:
+        return {**self.inner.get_state(), WORK_KEY: dataclasses.asdict(self.work)}
+
+    def set_state(self, state: dict) -> None:
+        state = dict(state)
+        work = state.pop(WORK_KEY, None)
+        self.inner.set_state(state)
+        if work is None:
+            logging.warning(
+                "the checkpoint's data state has no model-work count (written before it "
+                "existed): model_flops_total counts from this resume"
+            )
+            work = dataclasses.asdict(flops.Work(0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+        self.work = flops.Work(**work)
+
+    def model_flops(self, cfg) -> float:
+        """Model FLOPs of the training so far, all processes (each counts its own batches)."""
+        return flops.step_flops(cfg, self.work) * jax.process_count()
+
+
+def _fields(w: flops.Work) -> tuple[float, ...]:
+    return tuple(getattr(w, f.name) for f in dataclasses.fields(w))
+
+
+def eval_every(config) -> int:
+    ev = config.get("eval") or {}
+    return int(ev.get("every", 0) or 0)
+
+
+def times(k: int) -> np.ndarray:
+    return ((np.arange(k) + 0.5) / k).astype(np.float32)
+
+
+class Validator:
+    """The held-out packs, their noise, and one compiled forward pass for the loss sums."""
+
+    def __init__(self, config, stage, graphdef, mesh, rules):
+        from jaxsora.data import pipeline
+
+        ev = config.eval
+        held_out = ml_collections.ConfigDict(config.to_dict())
+        held_out.seed = ev.seed
+        held_out.batch_size = ev.packs
+        held_out.data.tasks = dict(t2v=1.0)
+        held_out.data.token_drop_rate = 0.0
+        source = pipeline.make_batches(held_out, stage, split=ev.split)
+        batch = next(source)
+        # The same noise for every run: drawn from the eval seed, per process shard.
+        rng = np.random.default_rng([ev.seed, jax.process_index()])
+        batch["noise"] = rng.standard_normal(batch["tokens"].shape).astype(np.float32)
+        self.times = times(ev.timesteps)
+        self._batch = pipeline.to_global(batch, mesh, rules)
+        self._mesh, self._rules = mesh, rules
+        self._fn = jax.jit(
+            lambda state, batch, t: validation_sums(nnx.merge(graphdef, state).model, batch, t)
+        )
+
+    def __call__(self, state) -> dict[str, float]:
+        """{"val_loss", "val_loss_t<k>"} of the state's model (not its EMA)."""
+        from jaxsora import sharding
+
+        out = {}
+        with jax.set_mesh(self._mesh), sharding.activation_sharding(self._mesh, self._rules):
+            for k, t in enumerate(self.times):
+                sums = self._fn(state, self._batch, jnp.float32(t))
+                out[f"val_loss_t{k}"] = float(flow.loss_from_sums(sums))
+        out["val_loss"] = float(np.mean([out[f"val_loss_t{k}"] for k in range(len(self.times))]))
+        return out
+
+
+def validation_sums(model, batch: dict, t) -> dict[str, jax.Array]:
+    """The flow loss sums of `batch` with every segment at time `t` and the batch's noise; the
+    captions as given (no dropout), conditioning tokens clean and unscored as in training."""
+    from jaxsora import train as trainer
+
+    seg, grid = batch["segment_ids"], batch["grid"]
+    S = grid.shape[1]
+    t_BS = jnp.full(grid.shape[:2], t, jnp.float32)
+    x0, noise = batch["tokens"], batch["noise"]
+    x_t = flow.add_noise(x0, noise, flow.per_segment(t_BS, seg))
+    x_t = jnp.where(batch["cond_mask"][..., None], x0, x_t)
+    pred = model(
+        x_t,
+        t_BS,
+        seg,
+        batch["positions"],
+        trainer.caption_input(batch),
+        batch["text_mask"],
+        batch["cond_mask"],
+    )
+    return flow.packed_loss_sums(
+        pred, flow.velocity(x0, noise), seg, batch["cond_mask"], S, "segment"
+    )
