@@ -21,14 +21,12 @@ def get_config(arg: str | None = None):
     c = tiny.get_config(arg)
     if "steps" not in args and "runlocal" not in args:
         c.total_steps = 1000
-    dit = original_dit_fields(num_classes=len(SHAPES))
-    c.model.positions = dit["positions"]
-    c.model.qk_norm = dit["qk_norm"]
-    c.model.learn_sigma = dit["learn_sigma"]
-    # diffusers' timestep frequencies (0 would be the DiT paper's code, which diffusers cannot
-    # reproduce): the model then exports to diffusers exactly.
-    c.model.time_freq_shift = dit["time_freq_shift"]
-    c.model.mlp_ratio = dit["mlp_ratio"]
+    # positions, qk_norm, learn_sigma, mlp_ratio, and diffusers' timestep frequencies
+    # (time_freq_shift=1; 0 would be the DiT paper's code, which diffusers cannot reproduce), so
+    # the model exports to diffusers exactly. The class count comes from text.class_names.
+    for field, value in original_dit_fields(num_classes=len(SHAPES)).items():
+        if field != "num_classes":
+            c.model[field] = value
     c.model.text_len = 1  # a segment's "caption" is its class label
     c.text.encoder = "class"
     c.text.class_names = list(SHAPES)

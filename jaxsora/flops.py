@@ -174,12 +174,13 @@ def hardware_work(segment_ids_BL: np.ndarray, text_mask_BSLt: np.ndarray, backen
     )
 
 
-def train_step_flops(cfg: DiTConfig, batch: dict) -> StepFlops:
+def train_step_flops(cfg: DiTConfig, batch: dict, work: Work | None = None) -> StepFlops:
     """Model and hardware FLOPs of one train step on `batch` (host arrays: segment_ids,
-    text_mask). The model count uses the captions as given; caption dropout shortens a few."""
+    text_mask). The model count uses the captions as given; caption dropout shortens a few.
+    `work`: the batch's `model_work`, when the caller has it already."""
     seg, text_mask = batch["segment_ids"], batch["text_mask"]
     return StepFlops(
-        model=step_flops(cfg, model_work(seg, text_mask)),
+        model=step_flops(cfg, work if work is not None else model_work(seg, text_mask)),
         hardware=step_flops(cfg, hardware_work(seg, text_mask, cfg.attention), cfg.remat),
     )
 

@@ -576,8 +576,11 @@ def check_unique_outputs(requests: list[Request], lines: list[int], path: str) -
 def check_caption(request: Request, config, extender) -> None:
     """A prompt the run cannot read (a class-conditional run's prompt naming none of its
     classes, or two) fails here, naming the request, before anything is compiled."""
+    spec = captions.text_spec(config)
+    if spec.encoder != captions.CLASS:
+        return  # any text is a caption
     try:
-        captions.text_fields(extender(request.prompt), captions.text_spec(config))
+        captions.class_label(extender(request.prompt), spec.class_names)
     except captions.UnknownClassError as e:
         raise app.UsageError(f"request {request.name!r}: {e}") from None
 

@@ -265,20 +265,25 @@ def loss_sums(model: DiT, batch: dict, draws: dict, config) -> dict[str, jax.Arr
     """Noises each segment at its own shifted time and scores the predicted velocity; returns
     the loss as sums and counts (`flow.packed_loss_sums`) so micro-batches add up exactly."""
     f = config.flow
-    seg, grid = batch["segment_ids"], batch["grid"]
-    S = grid.shape[1]
-    t_BS = flow.shift_time(draws["t_BS"], flow.resolution_shift(grid, f.base_tokens))
-    x0, noise = batch["tokens"], draws["noise"]
-    x_t = flow.add_noise(x0, noise, flow.per_segment(t_BS, seg))
-    x_t = jnp.where(batch["cond_mask"][..., None], x0, x_t)
+    t_BS = flow.shift_time(draws["t_BS"], flow.resolution_shift(batch["grid"], f.base_tokens))
     text_mask = jnp.where(
         draws["drop_BS"][..., None], null_text_mask(batch["text_mask"]), batch["text_mask"]
     )
+    return noised_loss_sums(model, batch, t_BS, draws["noise"], text_mask, f.loss_weighting)
+
+
+def noised_loss_sums(model: DiT, batch: dict, t_BS, noise, text_mask, weighting: str) -> dict:
+    """The flow loss sums of `batch` with each segment noised to its t_BS by `noise`, read with
+    `text_mask`; conditioning tokens stay clean and unscored (training and validation)."""
+    seg, S = batch["segment_ids"], batch["grid"].shape[1]
+    x0 = batch["tokens"]
+    x_t = flow.add_noise(x0, noise, flow.per_segment(t_BS, seg))
+    x_t = jnp.where(batch["cond_mask"][..., None], x0, x_t)
     pred = model(
         x_t, t_BS, seg, batch["positions"], caption_input(batch), text_mask, batch["cond_mask"]
     )
     return flow.packed_loss_sums(
-        pred, flow.velocity(x0, noise), seg, batch["cond_mask"], S, f.loss_weighting
+        pred, flow.velocity(x0, noise), seg, batch["cond_mask"], S, weighting
     )
 
 
@@ -468,7 +473,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     end = min(config.total_steps, config.stop_after or config.total_steps)
     for step in range(start + 1, end + 1):
         batch = next(batches)
-        interval.add_batch(batch)
+        interval.add_batch(batch, batches.last_work)
         state, metrics = compiled(state, pipeline.to_global(batch, mesh, rules))
         if pending is not None:
             interval.add_metrics(finite(*pending))
@@ -523,13 +528,13 @@ class _Interval:
     grad_norm: float = 0.0
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def add_batch(self, batch):
+    def add_batch(self, batch, work: flops.Work):
         self.steps += 1
         self.real_tokens += int((batch["segment_ids"] > 0).sum())
         self.slots += batch["segment_ids"].size
         # Model FLOPs follow the packs' contents (segment sizes, caption lengths), so they are
-        # counted per batch on the host: a bincount of ids, negligible next to the step.
-        self.step_flops += flops.train_step_flops(self.cfg, batch)
+        # counted per batch on the host (`work`: CountedBatches' bincount of the batch's ids).
+        self.step_flops += flops.train_step_flops(self.cfg, batch, work)
 
     def add_metrics(self, m):
         self.losses.append(m["loss"])

@@ -40,10 +40,11 @@ class CountedBatches:
     def __init__(self, inner):
         self.inner = inner
         self.work = flops.Work(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        self.last_work: flops.Work | None = None  # the last batch's, for the log's interval
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.inner)
-        w = flops.model_work(batch["segment_ids"], batch["text_mask"])
+        w = self.last_work = flops.model_work(batch["segment_ids"], batch["text_mask"])
         pairs = zip(_fields(self.work), _fields(w), strict=True)
         self.work = flops.Work(*(a + float(b) for a, b in pairs))
         return batch
@@ -123,24 +124,10 @@ class Validator:
 
 def validation_sums(model, batch: dict, t) -> dict[str, jax.Array]:
     """The flow loss sums of `batch` with every segment at time `t` and the batch's noise; the
-    captions as given (no dropout), conditioning tokens clean and unscored as in training."""
-    from jaxsora import train as trainer
+    captions as given (no dropout), segment-weighted whatever the run's weighting."""
+    from jaxsora import train as trainer  # late: the trainer imports this module
 
-    seg, grid = batch["segment_ids"], batch["grid"]
-    S = grid.shape[1]
-    t_BS = jnp.full(grid.shape[:2], t, jnp.float32)
-    x0, noise = batch["tokens"], batch["noise"]
-    x_t = flow.add_noise(x0, noise, flow.per_segment(t_BS, seg))
-    x_t = jnp.where(batch["cond_mask"][..., None], x0, x_t)
-    pred = model(
-        x_t,
-        t_BS,
-        seg,
-        batch["positions"],
-        trainer.caption_input(batch),
-        batch["text_mask"],
-        batch["cond_mask"],
-    )
-    return flow.packed_loss_sums(
-        pred, flow.velocity(x0, noise), seg, batch["cond_mask"], S, "segment"
+    t_BS = jnp.full(batch["grid"].shape[:2], t, jnp.float32)
+    return trainer.noised_loss_sums(
+        model, batch, t_BS, batch["noise"], batch["text_mask"], "segment"
     )

@@ -92,11 +92,15 @@ def _export_dit(args) -> None:
             sample_size=args.sample_size,
         )
     else:
-        from jaxsora.export.dit import check_torch_package, export_dit, saved_run
+        from jaxsora.export.dit import export_dit
 
-        if args.format == "torch":
-            check_torch_package(saved_run(args.workdir, args.step)[1])
-        summary = export_dit(args.workdir, args.out, step=args.step, use_ema=args.ema)
+        summary = export_dit(
+            args.workdir,
+            args.out,
+            step=args.step,
+            use_ema=args.ema,
+            for_torch_package=args.format == "torch",
+        )
         if args.format == "torch":  # the weights plus the package that runs them
             import shutil
 

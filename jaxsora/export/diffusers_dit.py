@@ -408,21 +408,10 @@ def check_copies(arrays: Mapping[str, np.ndarray], table: Mapping[str, Entry], s
 def state_dict(model, channels: int) -> dict[str, np.ndarray]:
     """A live original-DiT model's weights in diffusers' names and layouts (what
     `export_diffusers` streams from a checkpoint, applied in memory)."""
-    import jax
-    from flax import nnx
-
     why = unsupported(model.cfg, (1, *(2 * [_patch_size(model.cfg, channels)])))
     if why:
         raise ValueError("not an original-DiT model: " + "; ".join(why))
-    flat = {
-        ".".join(map(str, p)): np.asarray(jax.device_get(v[...]))
-        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-    table = dit_export.entries({k: v.shape for k, v in flat.items()}, keys_of(model.cfg, channels))
-    return {
-        k: e.transform.to_torch(flat[e.path] if e.layer is None else flat[e.path][e.layer])
-        for k, e in table.items()
-    }
+    return dit_export.torch_state_dict(model, keys_of(model.cfg, channels))
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from jaxsora.export import tables
-from jaxsora.export.vae import AS_IS, Rule, Transform
+from jaxsora.export.vae import AS_IS, Rule, Transform, match_rules
 
 CONFIG_FILE = "config.json"
 FORMAT = "jaxsora-dit"
@@ -77,19 +77,10 @@ WEIGHT_FIELDS = (
 
 def torch_key(path: str) -> tuple[str, Transform]:
     """The PyTorch name of one of our (unrolled) parameter paths, and its transform."""
-    for rule in RULES:
-        key = rule.match(path, reverse=True)
-        if key is not None:
-            return key, rule.transform
-    raise AssertionError(f"no conversion rule for our param {path}: add one to RULES")
-
-
-def our_path(key: str) -> str | None:
-    for rule in RULES:
-        path = rule.match(key)
-        if path is not None:
-            return path
-    return None
+    found = match_rules(RULES, path, reverse=True)
+    if found is None:
+        raise AssertionError(f"no conversion rule for our param {path}: add one to RULES")
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +134,9 @@ def abstract_param_shapes(cfg) -> dict[str, tuple[int, ...]]:
     }
 
 
-def torch_state_dict(model) -> dict[str, np.ndarray]:
+def torch_state_dict(model, keys_of=None) -> dict[str, np.ndarray]:
     """A live DiT's weights by PyTorch name, in PyTorch layouts (the table `export_dit`
-    streams from a checkpoint, applied in memory)."""
+    streams from a checkpoint, applied in memory); `keys_of`: another layout (`entries`)."""
     import jax
     from flax import nnx
 
@@ -153,7 +144,7 @@ def torch_state_dict(model) -> dict[str, np.ndarray]:
         ".".join(map(str, p)): np.asarray(jax.device_get(v[...]))
         for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
-    table = entries({k: v.shape for k, v in flat.items()})
+    table = entries({k: v.shape for k, v in flat.items()}, keys_of)
     return {
         k: e.transform.to_torch(flat[e.path] if e.layer is None else flat[e.path][e.layer])
         for k, e in table.items()
@@ -353,15 +344,17 @@ def export_dit(
     step: int | None = None,
     use_ema: bool = True,
     max_shard_bytes: int = 2**30,
+    for_torch_package: bool = False,
 ) -> dict:
     """Writes the run's DiT (EMA weights by default) to `out_dir` as `model.safetensors` (or
     `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json` above
-    `max_shard_bytes`) and `config.json`, loadable with `jaxsora.export.torch_dit.load_pretrained`.
+    `max_shard_bytes`) and `config.json`, loadable with `jaxsora.export.torch_dit.load_pretrained`
+    (`for_torch_package`: refused, before anything is read, for a model it cannot run).
     Returns {"out_dir", "files", "step", "weights", "num_params", "total_bytes", "seconds"}."""
     return stream_export(
         workdir,
         out_dir,
-        JAXSORA_LAYOUT,
+        TORCH_LAYOUT if for_torch_package else JAXSORA_LAYOUT,
         step=step,
         use_ema=use_ema,
         max_shard_bytes=max_shard_bytes,
@@ -399,6 +392,11 @@ def check_torch_package(saved: Mapping) -> None:
             "is class-conditional (text.encoder='class'); export its original-DiT model to "
             "PyTorch with --format diffusers (DiTTransformer2DModel), or --format safetensors"
         )
+
+
+TORCH_LAYOUT = dataclasses.replace(
+    JAXSORA_LAYOUT, check=lambda saved, cfg: check_torch_package(saved)
+)
 
 
 def stream_export(

@@ -119,21 +119,28 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def to_ours(key: str) -> tuple[str, Transform] | None:
-    """Our dotted param path for a diffusers key, or None when no rule covers it."""
-    for rule in RULES:
-        path = rule.match(key)
-        if path is not None:
-            return path, rule.transform
+def match_rules(
+    rules: Sequence[Rule], name: str, *, reverse: bool = False
+) -> tuple[str, Transform] | None:
+    """(the other side's name, the transform) of the first rule matching `name` (a PyTorch
+    key, or with `reverse` one of our param paths), None when no rule covers it."""
+    for rule in rules:
+        other = rule.match(name, reverse=reverse)
+        if other is not None:
+            return other, rule.transform
     return None
 
 
+def to_ours(key: str) -> tuple[str, Transform] | None:
+    """Our dotted param path for a diffusers key, or None when no rule covers it."""
+    return match_rules(RULES, key)
+
+
 def to_diffusers(path: str) -> tuple[str, Transform]:
-    for rule in RULES:
-        key = rule.match(path, reverse=True)
-        if key is not None:
-            return key, rule.transform
-    raise AssertionError(f"no conversion rule for our param {path}: add one to RULES")
+    found = match_rules(RULES, path, reverse=True)
+    if found is None:
+        raise AssertionError(f"no conversion rule for our param {path}: add one to RULES")
+    return found
 
 
 # --------------------------------------------------------------------------------------------
