@@ -34,4 +34,5 @@ def get_config(arg: str | None = None):
     c.data.tasks = dict(t2v=1.0)  # no frames to condition on
     c.data.max_segments = 24  # images are short: more per pack
     c.sample.seq_len = 512
+    c.eval.quality_every = 0  # the analyzer reads captioned synthetic clips only
     return c

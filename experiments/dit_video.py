@@ -67,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr, c.optim.warmup_steps, c.optim.ema_decay = 1e-4, 5000, 0.9999
     c.flow.base_tokens = 1024
     c.sample.seq_len = 8192
+    c.eval.quality_every = 0  # the analyzer reads captioned synthetic clips only
     if "runlocal" in args:  # the same model code at laptop scale, in pixel space
         c.total_steps = int(args.get("steps", 6))
         c.batch_size, c.log_every, c.checkpoint_every = 2, 2, 3

@@ -123,6 +123,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.timesteps = 8
     c.eval.seed = 0
     c.eval.split = "validation"
+    # Sample quality (jaxsora/evaluate.py): every `quality_every` steps and at the end, the EMA
+    # model samples `quality_prompts` fixed prompts (`quality_steps` solver steps, 0 = sample's)
+    # and the analyzer scores background, object colour, shape and direction (0 = off).
+    c.eval.quality_every = 1000
+    c.eval.quality_prompts = 40
+    c.eval.quality_steps = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
@@ -169,5 +175,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.seq_len, c.data.max_tokens, c.data.min_tokens = 256, 128, 16
         c.data.buffer_size = 16
         c.sample.steps, c.sample.seq_len = 4, 256
-        c.eval.every, c.eval.packs = 0, 2  # tests turn it on where they test it
+        c.eval.every, c.eval.packs = 0, 2  # tests turn them on where they test them
+        c.eval.quality_every, c.eval.quality_prompts = 0, 4
     return c

@@ -371,10 +371,11 @@ def _guided_velocity(model: DiT, batch: dict, x, t_BS, guidance, image_guidance,
     return v00 + image_guidance * (v0f - v00) + guidance * (vtf - v0f)
 
 
-def load_run(workdir: str, use_ema: bool = True) -> tuple[DiT, ml_collections.ConfigDict]:
+def load_run(workdir: str, use_ema: bool = True, with_step: bool = False):
     """The model of the latest checkpoint in `workdir` that loads (EMA weights by default) and
-    its config. A damaged step gives way to the previous one with a warning; the sampler never
-    moves or writes anything in the run's directory (it may be training)."""
+    its config (and its step, `with_step`). A damaged step gives way to the previous one with a
+    warning; the sampler never moves or writes anything in the run's directory (it may be
+    training)."""
     ckpt = Checkpointer(workdir, read_only=True)
     built = {}
 
@@ -405,7 +406,8 @@ def load_run(workdir: str, use_ema: bool = True) -> tuple[DiT, ml_collections.Co
     nnx.replace_by_pure_dict(built["state"], restored)
     state = nnx.merge(built["graphdef"], built["state"])
     logging.info("loaded %s weights from step %d of %s", "EMA" if use_ema else "raw", step, workdir)
-    return (state.ema if use_ema else state.model), built["config"]
+    model = state.ema if use_ema else state.model
+    return (model, built["config"], step) if with_step else (model, built["config"])
 
 
 # --------------------------------------------------------------------------------- requests file

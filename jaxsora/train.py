@@ -139,6 +139,12 @@ DIT_CHECKS = (
     config_checks.integer("eval.packs", 1, why="held-out packs, over all processes", optional=True),
     config_checks.integer("eval.timesteps", 1, optional=True),
     config_checks.integer("eval.seed", 0, optional=True),
+    config_checks.integer(
+        "eval.quality_every", 0, why="steps between sample-quality scores; 0 = never",
+        optional=True,
+    ),
+    config_checks.integer("eval.quality_prompts", 1, optional=True),
+    config_checks.integer("eval.quality_steps", 0, why="0 = sample.steps", optional=True),
 )
 
 
@@ -461,6 +467,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
 
     every = validation.eval_every(config)
     validator = validation.Validator(config, stage, graphdef, mesh, rules) if every else None
+    from jaxsora import evaluate  # late: the evaluation samples through jaxsora.sample
+
+    rater = None
+    if evaluate.quality_every(config):
+        if jax.process_count() == 1:
+            rater = evaluate.QualityEvaluator(config, workdir)
+        else:  # the sampler packs on one host; a pod run scores its checkpoints offline
+            logging.warning(
+                "eval.quality_every is off on %d processes: score a checkpoint with "
+                "`python -m jaxsora.evaluate --workdir %s`",
+                jax.process_count(),
+                workdir,
+            )
 
     # --------------------------------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, config.total_steps, resumed_at=start)
@@ -489,6 +508,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
             t0 = time.perf_counter()
             val = validator(state)
             interval.start += time.perf_counter() - t0  # step_time_s is the training's alone
+        if rater is not None and rater.due(step):
+            t0 = time.perf_counter()
+            with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
+                val.update(rater(nnx.merge(graphdef, state).ema, step))
+            interval.start += time.perf_counter() - t0
         if val or log:
             val["model_flops_total"] = batches.model_flops(cfg)
         if log:
