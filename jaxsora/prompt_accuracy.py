@@ -200,9 +200,7 @@ def score(clips: list[np.ndarray], prompts: list[str]) -> dict:
             ok[a] = getattr(want, a) == getattr(seen, a)
             right[a].append(ok[a])
         all_right.append(all(ok.values()))
-        per_clip.append(
-            {"prompt": prompt, "seen": dataclasses.asdict(seen), "correct": ok}
-        )
+        per_clip.append({"prompt": prompt, "seen": dataclasses.asdict(seen), "correct": ok})
     acc = {a: float(np.mean(v)) for a, v in right.items() if v}
     return {
         **{f"{a}_accuracy": v for a, v in acc.items()},

@@ -140,7 +140,9 @@ DIT_CHECKS = (
     config_checks.integer("eval.timesteps", 1, optional=True),
     config_checks.integer("eval.seed", 0, optional=True),
     config_checks.integer(
-        "eval.quality_every", 0, why="steps between sample-quality scores; 0 = never",
+        "eval.quality_every",
+        0,
+        why="steps between sample-quality scores; 0 = never",
         optional=True,
     ),
     config_checks.integer("eval.quality_prompts", 1, optional=True),

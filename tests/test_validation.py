@@ -1,6 +1,7 @@
 """Validation during training (jaxsora/validation.py): the fixed-timestep loss is a function of
 the weights alone, a resumed run logs the uninterrupted run's validation curve and cumulative
-model FLOPs exactly, and those FLOPs are the sum of every trained batch's model FLOPs."""
+model FLOPs (and sample-quality scores) exactly, and those FLOPs are the sum of every trained
+batch's model FLOPs."""
 
 import json
 import os
@@ -20,6 +21,7 @@ ARG = "runlocal,steps=6"
 def _config(data_dir):
     config = runlocal_config(data_dir, ARG)
     config.eval.every = 2
+    config.eval.quality_every = 3  # and the sample-quality score (jaxsora/evaluate.py)
     return config
 
 
@@ -63,6 +65,13 @@ def test_a_resumed_run_logs_the_same_validation_curve_and_flops(data_dir, tmp_pa
 
     a, b = curve(straight), curve(resumed)
     assert sorted(a) == [2, 4, 6] and a == b, (a, b)
+
+    def scores(workdir):
+        return {r["step"]: r["quality_score"] for r in _rows(workdir) if "quality_score" in r}
+
+    assert sorted(scores(straight)) == [3, 6] and scores(straight) == scores(resumed)
+    for step in (3, 6):
+        assert os.path.exists(os.path.join(resumed, "eval", f"quality_step{step}.npz"))
 
     # The count is every trained batch's model FLOPs (the same deterministic batches again).
     config = _config(data_dir)

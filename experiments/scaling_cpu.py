@@ -1,0 +1,43 @@
+"""A scaling sweep for 2 CPU cores in about 30 minutes (`make scaling`): 3 model sizes x 3
+training budgets of the tiny pixel-space DiT on the synthetic clips, text-to-video.
+
+    python -m jaxsora.scaling run --sweep experiments/scaling_cpu.py --out runs/scaling
+    python -m jaxsora.scaling fit runs/scaling
+    python -m jaxsora.scaling samples runs/scaling
+
+Sizes are DiT blocks of width 32 / 64 / 128 (depth 2 / 3 / 4), about 0.4M to 1.9M parameters;
+budgets are 2e11, 6e11 and 1.8e12 model FLOPs (3x apart), from ~15 steps of the largest model
+to ~2500 of the smallest. Every run validates 6 times on the same held-out packs and scores
+its samples at the end. Variant `quick` (tests): one size of the runlocal model at two
+budgets, a few steps each.
+"""
+
+SIZES = {
+    "W32": {"model.width": 32, "model.depth": 2, "model.num_heads": 2},
+    "W64": {"model.width": 64, "model.depth": 3, "model.num_heads": 2},
+    "W128": {"model.width": 128, "model.depth": 4, "model.num_heads": 2},
+}
+
+
+def get_sweep(arg: str | None = None) -> dict:
+    sweep = {
+        "base": "experiments/tiny.py:t2v",
+        "sizes": SIZES,
+        "budgets": [2e11, 6e11, 1.8e12],
+        "overrides": {"eval.packs": 4, "model.text_width": 64},
+        "evals": 6,
+        "warmup_fraction": 0.1,
+        "quality_prompts": 20,
+        "quality_steps": 16,
+    }
+    if arg == "quick":
+        sweep.update(
+            base="experiments/tiny.py:runlocal,t2v",
+            sizes={"W16": {"model.width": 16, "model.depth": 1, "model.num_heads": 2}},
+            budgets=[6e8, 1.2e9],
+            overrides={"eval.packs": 2},
+            evals=4,
+            quality_prompts=2,
+            quality_steps=2,
+        )
+    return sweep
