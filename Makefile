@@ -68,7 +68,7 @@ scaling: data
 	$(PY) -m jaxsora.scaling samples $(SCALING_DIR)
 
 test: install
-	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m pytest -n 2 --durations=40
 
 lint: install
 	$(VENV)/bin/ruff check .
