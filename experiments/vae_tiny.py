@@ -7,6 +7,7 @@ Variants (comma-separated after a colon):
   runlocal   a few steps of an even smaller VAE, for tests and smoke runs
   steps=N    train for N steps
   adv        add the adversarial (PatchGAN hinge) term after the first half of training
+  onebucket  the first bucket only (tests: one train step to compile)
 """
 
 import ml_collections
@@ -101,4 +102,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dict(frames=1, height=24, width=16, videos=0, images=2),
         ]
         c.eval.enabled = False
+    if "onebucket" in args:  # one compiled step: a batch is a pure function of its step anyway
+        c.data.buckets = c.data.buckets[:1]
     return c

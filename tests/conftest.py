@@ -117,3 +117,11 @@ def write_ramp_mp4(path, frames, height, width, phase):
         for packet in stream.encode():
             out.mux(packet)
     return str(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first, each module's tests kept together (module fixtures are
+    set up once per worker): xdist then hands the many quick tests out last, and the two
+    workers finish together instead of one waiting on a long test that started late."""
+    heavy = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in heavy)

@@ -147,6 +147,7 @@ DAMAGE = {  # kind: (damage, what the warning says)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_a_damaged_latest_step_stops_under_the_flag_or_gives_way_to_the_previous(
     kind, run, trained, tmp_path, caplog

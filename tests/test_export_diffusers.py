@@ -131,6 +131,7 @@ def test_import_of_a_random_diffusers_dit_gives_its_output_in_jax(data_dir, tmp_
     )
 
 
+@pytest.mark.slow
 def test_cli_exports_a_trained_run_that_diffusers_loads_and_imports_it_back(data_dir, tmp_path):
     from diffusers import DiTTransformer2DModel
 

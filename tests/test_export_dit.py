@@ -320,6 +320,7 @@ def test_torch_sampler_matches_jax(run8, tmp_path):
     print(f"sampler rel err: euler+cfg {euler_err:.2g}, heun+image guidance {heun_err:.2g}")
 
 
+@pytest.mark.slow
 def test_torch_package_runs_without_jax_or_jaxsora(exported, tmp_path):
     """The folder copied out alone, jax and jaxsora unimportable: loads the export and samples."""
     shutil.copytree(

@@ -142,6 +142,7 @@ def assert_parity(model, got: list, cases: list[tuple]) -> list[float]:
     return errors
 
 
+@pytest.mark.slow
 def test_artifact_runs_without_the_model_code_for_any_pack_shape(tmp_path):
     """runlocal's DiT as it trains (unrolled blocks) and as pods run it (scanned blocks), each
     one artifact called on two pack shapes in a process that cannot import the model."""

@@ -242,6 +242,7 @@ def test_padding_does_not_change_real_tokens(model):
     np.testing.assert_allclose(outs[0], outs[1], atol=TOL, rtol=TOL)
 
 
+@pytest.mark.slow
 def test_every_remat_policy_gives_the_gradients_of_none():
     pack = packing.stack_packs([packing.build_pack(EXAMPLES, SHAPE)])
     tokens = jnp.asarray(pack["tokens"])

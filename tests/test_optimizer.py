@@ -136,6 +136,7 @@ def assert_leaves_close(got: dict, ref: dict, what: str):
         assert err <= RTOL * max(scale, 1e-30), f"{what} {k}: off by {err} (|ref| up to {scale})"
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_big_batch():
     """accum_steps = 2 and 4 against 1 on the same 4 packs, weights, step and key: loss, metrics
     and every gradient leaf to RTOL of the leaf's largest magnitude, and the weights after the

@@ -59,6 +59,7 @@ def test_a_changed_sweep_is_refused_for_the_runs_it_changes(tmp_path):
         sweep.check_plan(str(tmp_path), [dataclasses.replace(r, fields={"total_steps": 11})])
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(data_dir, tmp_path):
     out = str(tmp_path / "sweep")
     spec = sweep.load_sweep(QUICK)

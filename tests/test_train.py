@@ -115,6 +115,7 @@ class MeanVelocity:
         return np.broadcast_to(self.mean, x_t.shape)
 
 
+@pytest.mark.slow
 def test_training_beats_predicting_the_mean_velocity_on_held_out_clips(data_dir, tmp_path):
     """A falling training loss could be the model learning the data's mean; scored on validation
     clips it never trained on, with the same noise and times for both, it must do much better."""

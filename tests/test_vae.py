@@ -194,7 +194,9 @@ def run_train_vae(workdir, data_dir, cache_dir, *overrides):
         "-m",
         "jaxsora.train_vae",
         "--config",
-        "experiments/vae_tiny.py:runlocal,steps=4",
+        # One bucket: a batch is a pure function of (seed, step), so a second bucket adds a
+        # compile (18 s of ~50) and nothing the resume could get wrong.
+        "experiments/vae_tiny.py:runlocal,steps=4,onebucket",
         f"--config.data.data_dir={data_dir}",
         f"--workdir={workdir}",
         *overrides,

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxsora import flops, sharding, validation
@@ -48,6 +49,7 @@ def test_the_validation_loss_is_a_function_of_the_weights_alone(data_dir):
     assert ends[0] != ends[1]  # the times really differ
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_the_same_validation_curve_and_flops(data_dir, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     trainer.train(_config(data_dir), straight)
