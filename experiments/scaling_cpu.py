@@ -1,15 +1,15 @@
-"""A scaling sweep for 2 CPU cores in about 30 minutes (`make scaling`): 3 model sizes x 3
-training budgets of the tiny pixel-space DiT on the synthetic clips, text-to-video.
+"""A scaling sweep for 2 CPU cores within 30 minutes (`make scaling`; 19 min 20 s measured): 3
+model sizes x 3 training budgets of the tiny pixel-space DiT on the synthetic clips, text-to-video.
 
     python -m jaxsora.scaling run --sweep experiments/scaling_cpu.py --out runs/scaling
     python -m jaxsora.scaling fit runs/scaling
     python -m jaxsora.scaling samples runs/scaling
 
-Sizes are DiT blocks of width 32 / 64 / 128 (depth 2 / 3 / 4), about 0.4M to 1.9M parameters;
-budgets are 2e11, 6e11 and 1.8e12 model FLOPs (3x apart), from ~15 steps of the largest model
-to ~2500 of the smallest. Every run validates 6 times on the same held-out packs and scores
-its samples at the end. Variant `quick` (tests): one size of the runlocal model at two
-budgets, a few steps each.
+Sizes are DiT blocks of width 32 / 64 / 128 (depth 2 / 3 / 4): 0.25M, 0.50M and 1.75M
+parameters with a width-64 caption encoder. Budgets are 2e11, 6e11 and 1.8e12 model FLOPs (3x
+apart), from 15 steps of the largest model to 2746 of the smallest. Every run validates 6 times
+on the same held-out packs and scores its samples at the end. Variant `quick` (tests): one size
+of the runlocal model at two budgets, a few steps each.
 """
 
 SIZES = {

@@ -19,7 +19,6 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
@@ -147,12 +146,10 @@ class QualityEvaluator:
     """The trainer's hook: scores the EMA weights every `eval.quality_every` steps."""
 
     def __init__(self, config, workdir: str):
-        ev = config.eval
-        check_synthetic(config)
+        ev = config.eval  # checked by the trainer's validate (check_synthetic, prompt_set)
         self.every = int(ev.get("quality_every", 0) or 0)
         self.n, self.steps = int(ev.quality_prompts), int(ev.quality_steps or 0) or None
         self.workdir, self.config = workdir, config
-        prompt_set(config, self.n)  # a size error fails before the first step
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.config.total_steps
@@ -175,7 +172,6 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     model, config, step = load_run(FLAGS.workdir, FLAGS.ema, with_step=True)
-    config = ml_collections.ConfigDict(config.to_dict())
     try:
         check_synthetic(config)
     except ValueError as e:

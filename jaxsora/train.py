@@ -201,6 +201,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"bad config: {message}")
+    from jaxsora import evaluate  # late: the evaluation samples through jaxsora.sample
+
+    if evaluate.quality_every(config):  # the analyzer knows the synthetic world only
+        try:
+            evaluate.check_synthetic(config)
+            evaluate.prompt_set(config, int(config.eval.quality_prompts))
+        except ValueError as e:
+            raise ValueError(
+                f"bad config: eval.quality_every={config.eval.quality_every}: {e} "
+                "(or set eval.quality_every=0)"
+            ) from None
     make_stage(m)  # an unknown stage or a bad model.vae_dir fails here, naming the field
     captions.embedding_dim(captions.text_spec(config))  # and a frozen encoder that won't load
 
@@ -469,7 +480,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
 
     every = validation.eval_every(config)
     validator = validation.Validator(config, stage, graphdef, mesh, rules) if every else None
-    from jaxsora import evaluate  # late: the evaluation samples through jaxsora.sample
+    from jaxsora import evaluate
 
     rater = None
     if evaluate.quality_every(config):

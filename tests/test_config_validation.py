@@ -165,6 +165,10 @@ def test_fields_that_disagree_name_both(changes, expected):
             {"model.width": 34, "model.num_heads": 1},
             "bad config: model.width=34 must be divisible by 4",
         ),
+        (  # the quality analyzer reads captioned clips
+            {"eval.quality_every": 100},
+            "bad config: eval.quality_every=100: the quality evaluation reads clips of the",
+        ),
     ],
 )
 def test_a_bad_original_dit_config_is_refused(changes, expected):
