@@ -24,7 +24,6 @@ run, so runs can be spread over machines that share `<out>`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -53,15 +52,13 @@ class RunPlan:
 
 def load_sweep(path: str) -> dict:
     """The sweep file's `get_sweep(arg)` (`path[:arg]`), checked."""
-    file, _, arg = path.partition(":")
-    if not os.path.isfile(file):
-        raise ValueError(f"--sweep {path}: no such file {file}")
-    spec = importlib.util.spec_from_file_location("jaxsora_sweep", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from jaxsora.config_files import load_spec_file
+
+    file = path.partition(":")[0]
+    module, arg = load_spec_file(path, "--sweep")
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{file}: a sweep file defines get_sweep(arg) -> dict")
-    sweep = dict(module.get_sweep(arg or None))
+    sweep = dict(module.get_sweep(arg))
     missing = [k for k in REQUIRED if not sweep.get(k)]
     if missing:
         raise ValueError(f"{file}: get_sweep() must give {missing} (see jaxsora/scaling/sweep.py)")
