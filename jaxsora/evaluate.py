@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxsora import prompt_accuracy, training
-from jaxsora.compression import make_stage
+from jaxsora.compression import Stage, make_stage
 from jaxsora.sample import Request, generate, load_run, request_grid
 
 ASPECTS = ((5, 3), (3, 5), (1, 1), (4, 3), (3, 4), (2, 1))  # (width, height) of the videos
@@ -31,9 +31,8 @@ IMAGE_EVERY = 8  # every eighth prompt is a still, as ~10% of the synthetic clip
 DEFAULT_PROMPTS = 40
 
 
-def _sized(prompt: str, frames: int, aspect: tuple[int, int], config, name: str, seed: int):
+def _sized(prompt: str, frames: int, aspect: tuple[int, int], config, stage, name: str, seed: int):
     """The request at `aspect` with the most pixels whose tokens fit data.max_tokens."""
-    stage = make_stage(config.model)
     unit = config.model.patch[1] * stage.spatial_factor
     aw, ah = aspect
     best = None
@@ -52,10 +51,9 @@ def _sized(prompt: str, frames: int, aspect: tuple[int, int], config, name: str,
     return best
 
 
-def video_frames(config) -> int:
+def video_frames(config, stage: Stage) -> int:
     """The most frames <= data.max_frames a request of this run may have (the causal VAE takes
     1 + 4k; the patch takes whole temporal patches)."""
-    stage = make_stage(config.model)
     for frames in range(max(2, int(config.data.max_frames)), 1, -1):
         try:
             request_grid(Request("", frames, 1024, 1024), config, stage)
@@ -65,13 +63,17 @@ def video_frames(config) -> int:
     raise ValueError(f"no video length <= data.max_frames={config.data.max_frames} fits the patch")
 
 
-def prompt_set(config, n: int = DEFAULT_PROMPTS, seed: int = 0) -> list[Request]:
-    """`n` fixed requests: a pure function of (n, seed) and the run's sizes."""
+def prompt_set(
+    config, n: int = DEFAULT_PROMPTS, seed: int = 0, stage: Stage | None = None
+) -> list[Request]:
+    """`n` fixed requests: a pure function of (n, seed) and the run's sizes (`stage`: the
+    run's compression stage, made from the config when not given)."""
+    stage = stage or make_stage(config.model)
     from data_pipelines.synthetic_clips.synthetic_clips import COLORS, DIRECTIONS, SHAPES, _a
 
     rng = np.random.default_rng([seed, 0xE7A1])
     names = list(COLORS)
-    frames = video_frames(config)
+    frames = video_frames(config, stage)
     out = []
     for i in range(n):
         shape = SHAPES[i % len(SHAPES)]
@@ -81,7 +83,8 @@ def prompt_set(config, n: int = DEFAULT_PROMPTS, seed: int = 0) -> list[Request]
         motion = "" if still else f" moving {direction}"
         prompt = f"{_a(color)} {color} {shape}{motion} on {_a(background)} {background} background"
         aspect = (1, 1) if still else ASPECTS[i % len(ASPECTS)]
-        out.append(_sized(prompt, 1 if still else frames, aspect, config, f"q{i:03d}", seed + i))
+        frames_i = 1 if still else frames
+        out.append(_sized(prompt, frames_i, aspect, config, stage, f"q{i:03d}", seed + i))
     return out
 
 
@@ -97,9 +100,10 @@ def check_synthetic(config) -> None:
         )
 
 
-def quality(model, config, n: int, steps: int | None = None, seed: int = 0):
+def quality(model, config, n: int, steps: int | None = None, seed: int = 0, stage=None):
     """(scores, requests, clips uint8) of `model` on the fixed prompt set."""
-    requests = prompt_set(config, n, seed)
+    stage = stage or make_stage(config.model)  # made once: a VAE stage loads its weights
+    requests = prompt_set(config, n, seed, stage)
     sc = config.sample
     clips = generate(
         model,
@@ -110,6 +114,7 @@ def quality(model, config, n: int, steps: int | None = None, seed: int = 0):
         image_guidance=sc.get("image_guidance", 1.0),
         solver=sc.get("solver", "euler"),
         prompt_extension="identity",  # the prompts are already the training grammar
+        stage=stage,
     )
     clips = [np.round(np.clip(c, 0.0, 1.0) * 255.0).astype(np.uint8) for c in clips]
     scores = prompt_accuracy.score(clips, [r.prompt for r in requests])
@@ -145,17 +150,17 @@ def write(workdir: str, step: int, scores: dict, requests, clips) -> str:
 class QualityEvaluator:
     """The trainer's hook: scores the EMA weights every `eval.quality_every` steps."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, stage: Stage):
         ev = config.eval  # checked by the trainer's validate (check_synthetic, prompt_set)
         self.every = int(ev.get("quality_every", 0) or 0)
         self.n, self.steps = int(ev.quality_prompts), int(ev.quality_steps or 0) or None
-        self.workdir, self.config = workdir, config
+        self.workdir, self.config, self.stage = workdir, config, stage
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.config.total_steps
 
     def __call__(self, model, step: int) -> dict[str, float]:
-        scores, requests, clips = quality(model, self.config, self.n, self.steps)
+        scores, requests, clips = quality(model, self.config, self.n, self.steps, stage=self.stage)
         if jax.process_index() == 0:
             write(self.workdir, step, scores, requests, clips)
         return summary(scores)

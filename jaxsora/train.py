@@ -201,19 +201,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(f"bad config: {message}")
+    stage = make_stage(m)  # an unknown stage or a bad model.vae_dir fails here, naming the field
+    captions.embedding_dim(captions.text_spec(config))  # and a frozen encoder that won't load
     from jaxsora import evaluate  # late: the evaluation samples through jaxsora.sample
 
     if evaluate.quality_every(config):  # the analyzer knows the synthetic world only
         try:
             evaluate.check_synthetic(config)
-            evaluate.prompt_set(config, int(config.eval.quality_prompts))
+            evaluate.prompt_set(config, int(config.eval.quality_prompts), stage=stage)
         except ValueError as e:
             raise ValueError(
                 f"bad config: eval.quality_every={config.eval.quality_every}: {e} "
                 "(or set eval.quality_every=0)"
             ) from None
-    make_stage(m)  # an unknown stage or a bad model.vae_dir fails here, naming the field
-    captions.embedding_dim(captions.text_spec(config))  # and a frozen encoder that won't load
 
 
 def class_checks(config) -> list[tuple[bool, str]]:
@@ -485,7 +485,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, distributed: bool = F
     rater = None
     if evaluate.quality_every(config):
         if jax.process_count() == 1:
-            rater = evaluate.QualityEvaluator(config, workdir)
+            rater = evaluate.QualityEvaluator(config, workdir, stage)
         else:  # the sampler packs on one host; a pod run scores its checkpoints offline
             logging.warning(
                 "eval.quality_every is off on %d processes: score a checkpoint with "

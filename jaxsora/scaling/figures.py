@@ -23,13 +23,11 @@ def scaling_png(path: str, finished: list[dict], curves: dict, summary: dict) ->
     sizes = list(dict.fromkeys(r["size"] for r in finished))
     colours = dict(zip(sizes, plt.cm.viridis(np.linspace(0.0, 0.85, len(sizes))), strict=True))
     fig, (ax, aq) = plt.subplots(1, 2, figsize=(12, 4.6))
+    labelled = set()
     for r in finished:
         c = curves[r["name"]]
-        label = (
-            f"{r['size']} ({r['params'] / 1e6:.2f}M)"
-            if r["budget"] == min(q["budget"] for q in finished if q["size"] == r["size"])
-            else None
-        )
+        label = None if r["size"] in labelled else f"{r['size']} ({r['params'] / 1e6:.2f}M)"
+        labelled.add(r["size"])  # one legend entry per size
         ax.plot(c[:, 0], c[:, 1], "-", color=colours[r["size"]], alpha=0.8, label=label)
         ax.plot(c[-1, 0], c[-1, 1], "o", color=colours[r["size"]])
     F = np.array([[p["model_flops"], p["val_loss"]] for p in summary["frontier"]])
@@ -41,13 +39,13 @@ def scaling_png(path: str, finished: list[dict], curves: dict, summary: dict) ->
         "k--",
         label=f"fit: {summary['a']:.3g} (C/C0)^-{summary['b']:.3f} + {summary['c']:.3f}",
     )
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("model FLOPs (cumulative, real tokens)")
-    ax.set_ylabel("validation loss (8 fixed t, held-out packs)")
-    ax.set_title("validation loss vs compute")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+    _finish(
+        ax,
+        "model FLOPs (cumulative, real tokens)",
+        "validation loss (8 fixed t, held-out packs)",
+        "validation loss vs compute",
+    )
     for size in sizes:
         rows = sorted((r for r in finished if r["size"] == size), key=lambda r: r["budget"])
         rows = [r for r in rows if "quality_score" in r]
@@ -59,15 +57,25 @@ def scaling_png(path: str, finished: list[dict], curves: dict, summary: dict) ->
                 color=colours[size],
                 label=size,
             )
-    aq.set_xscale("log")
-    aq.set_xlabel("model FLOPs")
-    aq.set_ylabel("quality score (mean attribute accuracy)")
-    aq.set_title("sample quality vs compute (run ends)")
-    aq.legend(fontsize=8)
-    aq.grid(True, which="both", alpha=0.3)
+    _finish(
+        aq,
+        "model FLOPs",
+        "quality score (mean attribute accuracy)",
+        "sample quality vs compute (run ends)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Log compute axis, labels, legend and grid: both panels alike."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def samples_png(out: str, path: str, columns: int = 6, cell: int = 64) -> list[str]:
