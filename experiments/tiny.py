@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Self-attention backend: xla (CPU/GPU), splash (TPU), and for packs split over
     # mesh.context: context (all-to-all; heads per tensor shard divisible by mesh.context) or
     # ring (k/v passed round the context devices; any head count).
-    c.model.attention = "xla"
+    c.model.attention = "windowed"
     c.model.remat = "none"  # per-block activation checkpointing: none, full, dots, dots_saveable
     # Scanned blocks compile once whatever the depth (pods); on a CPU, for 4 blocks, unrolled
     # steps are about 10% faster (benchmarks/train_step.py), so this config unrolls.

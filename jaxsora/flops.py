@@ -10,7 +10,8 @@ Two counts, as PaLM (Chowdhery et al. 2022, appendix B) defines MFU and HFU:
   packings and other systems fairly.
 - **hardware FLOPs**: what the chosen backend computes on the batch's static shapes: every slot of
   every pack, dense `L x L` self-attention for `xla`, `context` and `ring`, the computed tiles for
-  `splash` (jaxsora/models/splash.py), cross-attention to all `S*Lt` caption slots, the encoder on
+  `splash` (jaxsora/models/splash.py), the windows of `windowed` (jaxsora/models/windowed.py),
+  cross-attention to all `S*Lt` caption slots (to its window with `windowed`), the encoder on
   all `S*Lt` slots, plus what `remat` recomputes. HFU = hardware FLOPs / time / peak.
 
 A train step is the forward pass plus a backward pass of twice its matmuls, except where no
@@ -29,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsora.models.dit import DiTConfig
+from jaxsora.models import windowed
+from jaxsora.models.dit import DiTConfig, attention_windows
 
 # bf16 dense peak per chip, for accelerators where a matmul probe is not what users quote.
 KNOWN_PEAKS = {
@@ -60,6 +62,9 @@ class Work:
     self_pairs: float  # self-attention query-key pairs, per block
     cross_pairs: float  # cross-attention query-key pairs, per block
     caption_pairs: float  # caption-encoder query-key pairs, per layer
+    # Pairs whose backward recomputes the scores (the windowed backend's windows): one more
+    # q.k per pair in the backward pass, per block.
+    rescored_pairs: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +118,7 @@ def step_flops(
     """Forward + backward FLOPs of a train step over `w`, with what `remat` recomputes."""
     parts = forward_parts(cfg, w, times_per_segment)
     total = 3 * sum(parts.values()) - parts["patch_in"] - parts["time_mlp1"]
+    total += cfg.depth * 2 * cfg.width * w.rescored_pairs
     if remat == "full":  # the whole block runs forward again in the backward pass
         total += parts["blocks_dense"] + parts["blocks_attention"]
     elif remat == "dots":  # matmuls without batch dims are kept; attention's batched ones rerun
@@ -155,13 +161,47 @@ def splash_tiles(seg_BL: np.ndarray, block: int = SPLASH_BLOCK) -> int:
     return int((overlap | (pad[:, :, None] & pad[:, None, :])).sum())
 
 
-def hardware_work(segment_ids_BL: np.ndarray, text_mask_BSLt: np.ndarray, backend: str) -> Work:
+def windowed_pairs(seg_q_BL, seg_kv_BM, window: int, block: int) -> int:
+    """Query-key pairs the `windowed` backend computes: `window` keys per block of `block`
+    queries, or all of them where it takes the dense path (jaxsora/models/windowed.py)."""
+    B, L = np.asarray(seg_q_BL).shape
+    M = np.asarray(seg_kv_BM).shape[1]
+    if 2 * window > M:  # the plain dense path (autodiff's backward: no rescoring)
+        return B * L * M
+    _, fits = windowed.window_plan(seg_q_BL, seg_kv_BM, block, window)
+    blocks = -(-L // block)
+    return B * blocks * block * (window if bool(fits) else M)
+
+
+def caption_segment_ids(text_mask_BSLt: np.ndarray) -> np.ndarray:
+    """The cross-attention keys' segment ids [B, S*Lt], as jaxsora/models/dit.py forms them."""
+    mask = np.asarray(text_mask_BSLt)
+    B, S, _ = mask.shape
+    return np.where(mask, np.arange(1, S + 1)[None, :, None], 0).reshape(B, -1)
+
+
+def hardware_work(
+    segment_ids_BL: np.ndarray, text_mask_BSLt: np.ndarray, backend: str, cfg: DiTConfig = None
+) -> Work:
+    """What `backend` computes on these packs; `windowed` needs the model's `cfg` (its
+    windows)."""
     B, L = np.asarray(segment_ids_BL).shape
     S, Lt = np.asarray(text_mask_BSLt).shape[1:]
+    cross_pairs = B * L * S * Lt  # every backend but windowed: the dense xla path
+    rescored = 0
     if backend == "splash":
         self_pairs = splash_tiles(segment_ids_BL) * SPLASH_BLOCK * SPLASH_BLOCK
     elif backend in DENSE_BACKENDS:
         self_pairs = B * L * L
+    elif backend == "windowed":
+        captions = caption_segment_ids(text_mask_BSLt)
+        self_w, cross_w = attention_windows(cfg, L, captions)
+        block = cfg.attention_block
+        self_pairs = windowed_pairs(segment_ids_BL, segment_ids_BL, self_w, block)
+        cross_pairs = windowed_pairs(segment_ids_BL, captions, cross_w, block)
+        # Its own backward (recomputing the scores) runs where windows exist at this length.
+        cross_rescored = cross_pairs * (2 * cross_w <= S * Lt) * (not cfg.num_classes)
+        rescored = self_pairs * (2 * self_w <= L) + cross_rescored
     else:
         raise ValueError(f"no FLOP count for attention backend {backend!r}")
     return Work(
@@ -169,8 +209,9 @@ def hardware_work(segment_ids_BL: np.ndarray, text_mask_BSLt: np.ndarray, backen
         segments=B * S,
         caption_tokens=B * S * Lt,
         self_pairs=self_pairs,
-        cross_pairs=B * L * S * Lt,  # cross-attention is always the dense xla path
+        cross_pairs=cross_pairs,
         caption_pairs=B * S * Lt * Lt,
+        rescored_pairs=rescored,
     )
 
 
@@ -181,7 +222,7 @@ def train_step_flops(cfg: DiTConfig, batch: dict, work: Work | None = None) -> S
     seg, text_mask = batch["segment_ids"], batch["text_mask"]
     return StepFlops(
         model=step_flops(cfg, work if work is not None else model_work(seg, text_mask)),
-        hardware=step_flops(cfg, hardware_work(seg, text_mask, cfg.attention), cfg.remat),
+        hardware=step_flops(cfg, hardware_work(seg, text_mask, cfg.attention, cfg), cfg.remat),
     )
 
 
@@ -189,7 +230,7 @@ def per_token_time_flops(cfg: DiTConfig, batch: dict) -> StepFlops:
     """What per-token time adds to a train step on `batch`: the per-segment layers run for t
     and for 0, against a model with one time per segment."""
     seg, text_mask = batch["segment_ids"], batch["text_mask"]
-    model, hardware = model_work(seg, text_mask), hardware_work(seg, text_mask, cfg.attention)
+    model, hardware = model_work(seg, text_mask), hardware_work(seg, text_mask, cfg.attention, cfg)
     return StepFlops(
         model=step_flops(cfg, model) - step_flops(cfg, model, times_per_segment=1),
         hardware=step_flops(cfg, hardware, cfg.remat)

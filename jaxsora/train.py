@@ -77,6 +77,8 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
         scan_layers=m.get("scan_layers", True),
         dtype=m.dtype,
         attention=m.attention,
+        attention_block=m.get("attention_block", 64),
+        segment_tokens=(config.data.min_tokens, config.data.max_tokens),
     )
 
 

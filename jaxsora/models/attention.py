@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla", "splash", "context", "ring")
+BACKENDS = ("xla", "windowed", "splash", "context", "ring")
 
 
 def attention(
@@ -21,9 +21,24 @@ def attention(
     segment_ids_kv_BM: jax.Array,
     *,
     backend: str = "xla",
+    window: int | None = None,
+    block: int | None = None,
 ) -> jax.Array:
+    """`window`, `block`: the `windowed` backend's keys and queries per block (None: dense)."""
     if backend == "xla":
         return xla_attention(q_BLHK, k_BMHK, v_BMHK, segment_ids_q_BL, segment_ids_kv_BM)
+    if backend == "windowed":
+        from jaxsora.models import windowed
+
+        return windowed.windowed_attention(
+            q_BLHK,
+            k_BMHK,
+            v_BMHK,
+            segment_ids_q_BL,
+            segment_ids_kv_BM,
+            window=window or k_BMHK.shape[1],
+            block=block or windowed.DEFAULT_BLOCK,
+        )
     if backend == "splash":
         from jaxsora.models.splash import splash_attention
 

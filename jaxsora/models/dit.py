@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsora.diffusion.flow import per_segment
+from jaxsora.models import windowed
 from jaxsora.models.layers import Attention, Mlp, dense, layer_norm
 from jaxsora.models.rope import rope_angles
 from jaxsora.models.sincos import sincos_2d
@@ -66,6 +67,11 @@ class DiTConfig:
     mlp_norm_eps: float = 1e-6  # the LayerNorm before the MLP (diffusers' norm_eps: 1e-5)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attention: str = "xla"
+    # The `windowed` backend's query block, and the segment sizes (min, max tokens) its windows
+    # are sized for (jaxsora/models/windowed.py; 0 = unknown: dense). Only speed depends on
+    # them: a pack they do not fit takes the dense path, with the same numbers.
+    attention_block: int = 64
+    segment_tokens: tuple[int, int] = (0, 0)
     remat: str = "none"  # what the backward pass recomputes: see REMAT_POLICIES
     scan_layers: bool = True  # one compiled block, looped: compile time independent of depth
 
@@ -122,12 +128,17 @@ class DiTBlock(nnx.Module):
         self.self_attn = Attention(
             D, cfg.num_heads, rngs, dtype, cfg.attention, qk_norm=cfg.qk_norm
         )
+        self.cfg = cfg
         # Cross-attention keys are the S*Lt caption tokens: short, never split over `context`,
-        # so the dense masked path is the right one whatever backend self-attention uses.
+        # so the dense masked path serves every backend but `windowed`, which reads only the
+        # captions of the segments in each query block.
+        cross_backend = "windowed" if cfg.attention == "windowed" else "xla"
         self.cross_attn = (
             None
             if cfg.num_classes
-            else Attention(D, cfg.num_heads, rngs, dtype, "xla", cross=True, qk_norm=cfg.qk_norm)
+            else Attention(
+                D, cfg.num_heads, rngs, dtype, cross_backend, cross=True, qk_norm=cfg.qk_norm
+            )
         )
         self.mlp = Mlp(D, int(cfg.mlp_ratio * D), rngs, dtype)
 
@@ -135,9 +146,17 @@ class DiTBlock(nnx.Module):
         mod_BLD6 = per_segment(self.ada(jax.nn.silu(c_BKD)), row_BL)
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod_BLD6, 6, axis=-1)
         h = modulate(layer_norm(x_BLD), shift1, scale1)
-        x_BLD = x_BLD + gate1 * self.self_attn(h, h, seg_BL, seg_BL, angles)
+        self_window = cross_window = block = None
+        if self.self_attn.backend == "windowed":  # exports swap the backend for xla
+            self_window, cross_window = attention_windows(self.cfg, x_BLD.shape[1], ctx_seg_BM)
+            block = self.cfg.attention_block
+        x_BLD = x_BLD + gate1 * self.self_attn(
+            h, h, seg_BL, seg_BL, angles, window=self_window, block=block
+        )
         if self.cross_attn is not None:
-            x_BLD = x_BLD + self.cross_attn(layer_norm(x_BLD), ctx_BMD, seg_BL, ctx_seg_BM)
+            x_BLD = x_BLD + self.cross_attn(
+                layer_norm(x_BLD), ctx_BMD, seg_BL, ctx_seg_BM, window=cross_window, block=block
+            )
         h = modulate(layer_norm(x_BLD, self.mlp_norm_eps), shift2, scale2)
         return x_BLD + gate2 * self.mlp(h)
 
@@ -264,6 +283,19 @@ class DiT(nnx.Module):
             lambda x, state: (_block_fn(self.cfg, graphdef, state)(x, *context), None), x, stacked
         )
         return x
+
+
+def attention_windows(cfg: DiTConfig, length: int, ctx_seg_BM) -> tuple[int, int]:
+    """Keys per query block of self- and cross-attention for the `windowed` backend, from the
+    segment sizes the config expects (jaxsora/models/windowed.py)."""
+    min_tokens, max_tokens = cfg.segment_tokens
+    block = cfg.attention_block
+    self_w = windowed.self_window(max_tokens, block, length)
+    if ctx_seg_BM is None:
+        return self_w, 0
+    captions = ctx_seg_BM.shape[1]
+    cross_w = windowed.cross_window(min_tokens, block, captions // cfg.text_len, cfg.text_len)
+    return self_w, min(cross_w, captions)
 
 
 def conditioning_rows(segment_ids_BL, cond_mask_BL, num_segments: int) -> jax.Array:

@@ -6,6 +6,8 @@ rules alone say which mesh axis, if any, it is sharded over (see jaxsora/shardin
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -38,12 +40,35 @@ def dense(
     )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """Parameter-free LayerNorm in float32 (adaLN supplies the scale and shift)."""
+    """Parameter-free LayerNorm in float32 (adaLN supplies the scale and shift).
+
+    Its backward is written out (the textbook LayerNorm gradient from the normalised output and
+    1/std): autodiff's version is a chain of small ops that XLA:CPU fuses into, and recomputes
+    inside, every consumer of the residual stream's gradient; the explicit one made the default
+    CPU train step about 15% faster (benchmarks/train_step.py)."""
+    return _layer_norm_forward(x, eps)[0]
+
+
+def _layer_norm_forward(x, eps):
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    centered = x32 - x32.mean(-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + eps)
+    y = centered * inv_std
+    return y.astype(x.dtype), (y, inv_std)
+
+
+def _layer_norm_backward(eps, residuals, dy):
+    del eps
+    y, inv_std = residuals
+    dy32 = dy.astype(jnp.float32)
+    mean_dy = dy32.mean(-1, keepdims=True)
+    mean_dy_y = (dy32 * y).mean(-1, keepdims=True)
+    return ((inv_std * (dy32 - mean_dy - y * mean_dy_y)).astype(dy.dtype),)
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 class RMSNorm(nnx.Module):
@@ -89,7 +114,10 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(self.head_dim, ("kv",)) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, ("kv",)) if qk_norm else None
 
-    def __call__(self, x_BLD, kv_BMD, seg_q_BL, seg_kv_BM, angles_BLK2=None):
+    def __call__(
+        self, x_BLD, kv_BMD, seg_q_BL, seg_kv_BM, angles_BLK2=None, window=None, block=None
+    ):
+        """`window`, `block`: for the `windowed` backend (jaxsora/models/windowed.py)."""
         B, L, _ = x_BLD.shape
         M = kv_BMD.shape[1]
         heads = ("batch", "length", "heads", "kv")
@@ -101,7 +129,9 @@ class Attention(nnx.Module):
         v = constrain(self.v(kv_BMD).reshape(B, M, self.num_heads, self.head_dim), self.kv_names)
         if angles_BLK2 is not None:
             q, k = apply_rope(q, angles_BLK2), apply_rope(k, angles_BLK2)
-        o = attention(q, k, v, seg_q_BL, seg_kv_BM, backend=self.backend)
+        o = attention(
+            q, k, v, seg_q_BL, seg_kv_BM, backend=self.backend, window=window, block=block
+        )
         return self.out(o.reshape(B, L, -1))
 
 
