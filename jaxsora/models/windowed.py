@@ -86,19 +86,51 @@ def windowed_attention(q_BLHK, k_BMHK, v_BMHK, seg_q_BL, seg_kv_BM, *, window: i
     """Attention of each query to the keys of its segment, reading one `window` of keys per
     `block` queries (module docstring); [B, L, H, K] like `attention.attention`. A window of
     more than half the keys saves nothing over the dense path (the gathered windows and the
-    backward's scatter cost about as much as the scores they skip), so that is static too."""
+    backward's scatter cost about as much as the scores they skip), so there the dense path is
+    chosen statically."""
     M = k_BMHK.shape[1]
-    if 2 * window > M:
-        # Plain autodiff of the dense scores is faster than the recomputing backward here.
-        from jaxsora.models.attention import xla_attention
-
-        o = xla_attention(q_BLHK, k_BMHK, v_BMHK, seg_q_BL, seg_kv_BM)
-        return jnp.where((seg_q_BL > 0)[:, :, None, None], o, 0).astype(v_BMHK.dtype)
     # Heads-major inside: XLA:CPU's dot kernels take [batch..., rows, contracted] operands
     # without copies only when every batch dim leads.
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BLHK, k_BMHK, v_BMHK))
-    o_BHLK = _attention(q, k, v, seg_q_BL, seg_kv_BM, window, block)
+    if 2 * window > M:
+        o_BHLK = _dense_attention(q, k, v, seg_q_BL, seg_kv_BM)
+    else:
+        o_BHLK = _attention(q, k, v, seg_q_BL, seg_kv_BM, window, block)
     return jnp.swapaxes(o_BHLK, 1, 2)
+
+
+@jax.custom_vjp
+def _dense_attention(q, k, v, seg_q, seg_kv):
+    """All [L, M] scores, the probabilities kept for the backward (no recomputation): the
+    path for windows of more than half the keys. Its backward is flash attention's (the row
+    sums come from dO . O, [L] per head, not from an [L, M] reduction as autodiff's do)."""
+    return _dense_forward(q, k, v, seg_q, seg_kv)[0]
+
+
+def _dense_forward(q, k, v, seg_q, seg_kv):
+    s = _masked_scores(q[:, :, None], k[:, :, None], seg_q[:, None], seg_kv[:, None])[:, :, 0]
+    m = s.max(-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    total = p.sum(-1, keepdims=True)
+    p = p / jnp.where(total > 0, total, 1.0)
+    o = jnp.einsum("bhlm,bhmk->bhlk", p.astype(v.dtype), v)
+    return o, (q, k, v, p, o)
+
+
+def _dense_backward(res, do):
+    q, k, v, p, o = res
+    scale = q.shape[-1] ** -0.5
+    do32 = do.astype(jnp.float32)
+    dv = jnp.einsum("bhlm,bhlk->bhmk", p, do32)
+    dp = jnp.einsum("bhlk,bhmk->bhlm", do32, v, preferred_element_type=jnp.float32)
+    delta = (do32 * o.astype(jnp.float32)).sum(-1, keepdims=True)
+    ds = p * (dp - delta) * scale
+    dq = jnp.einsum("bhlm,bhmk->bhlk", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bhlm,bhlk->bhmk", ds, q, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_dense_attention.defvjp(_dense_forward, _dense_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
