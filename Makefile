@@ -79,11 +79,15 @@ bench: data
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.input_pipeline --data_dir $(DATA_DIR)
 	$(PY) -m benchmarks.torch_peer
+	$(PY) -m benchmarks.attention_scaling --plot runs/attention_scaling.png
 	$(PY) -m benchmarks.sharded_step
 	$(PY) -m benchmarks.vae_reconstruction --vae_dir $(VAE_WORKDIR)/vae --data_dir $(DATA_DIR)
 	$(PY) -m benchmarks.decode_window
 	$(PY) -m benchmarks.export_dit --size B
 	$(PY) -m benchmarks.continuation --workdir $(WORKDIR) --data_dir $(DATA_DIR)
+	@# The default run's sample quality (make train), when there is one.
+	@if [ -d $(WORKDIR)/checkpoints ]; then $(PY) -m jaxsora.evaluate --workdir $(WORKDIR); \
+	else echo '{"benchmark": "quality", "skipped": "no run in $(WORKDIR): make train first"}'; fi
 
 clean:
 	rm -rf $(VENV) data runs

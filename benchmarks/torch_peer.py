@@ -8,16 +8,14 @@ agree in float32. Then times the whole train step (forward, backward, clipping, 
 both on one identical batch (the tiny config's B, L, S), alternating JAX and torch step by step
 so that load from other processes on a shared machine falls on both alike; medians are reported.
 
-torch.compile is tried in a child process (so a slow or failing compile cannot stall or break
-the run) with --compile_budget seconds for the compile; past that it is reported as slow.
+Then torch.compile: a second copy of the weights is compiled (--compile_budget seconds at most;
+past that the record is printed with the compile reported as slow) and JAX, eager and compiled
+steps alternate step by step; those three-way figures are the ones reported.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -26,74 +24,20 @@ from absl import app, flags, logging
 from benchmarks import common
 
 FLAGS = flags.FLAGS
-SLOW_EXIT = 124  # the compile child ran past its budget
 GAP_S = 0.1
 
 
-def compile_child(budget: int, reps: int, warmup: int, data_dir: str) -> dict:
-    """Runs in the child process: compile, then time steps; prints one JSON line."""
-    import torch
-
-    from benchmarks import torch_dit, train_step
-    from jaxsora import train
-
-    config = train_step.tiny_config()
-    batch = torch_dit.to_torch(train_step.make_batch(config, data_dir))
-    model = torch_dit.DiT(train.dit_config(config))
-    step = torch_dit.TrainStep(model, config, compile_model=torch.compile(model))
-    # Past the budget the child ends itself: the parent reports "slow" instead of waiting.
-    watchdog = threading.Timer(budget, lambda: os._exit(SLOW_EXIT))
+def compile_budgeted(step, batch, budget: int, on_timeout) -> float:
+    """Runs the torch.compile'd step once (compiling forward and backward) and returns the
+    seconds it took. Past `budget` seconds `on_timeout()` runs (it prints the record so far)
+    and the process ends: a compile cannot be interrupted from Python."""
+    watchdog = threading.Timer(budget, lambda: (on_timeout(), os._exit(0)))
+    watchdog.daemon = True
     watchdog.start()
     start = time.perf_counter()
-    step(batch)  # compiles forward and backward
-    compile_s = time.perf_counter() - start
+    step(batch)
     watchdog.cancel()
-    # Fewer steps than the main comparison: this figure is a side note, and it must not push
-    # the benchmark past its couple of minutes.
-    times = common.timed(lambda: step(batch), min(warmup, 1), min(reps, 5))
-    return {"compile_s": compile_s, "step_s": common.summary(times)}
-
-
-def run_compiled(budget: int, reps: int, warmup: int, threads: int, data_dir: str) -> dict:
-    """torch.compile'd step timings from a child process, or why there are none."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    # A warm inductor cache (an earlier run on this machine) makes the compile seconds, not
-    # minutes; the record says which it was.
-    cache_warm = os.path.isdir(cache_dir()) and bool(os.listdir(cache_dir()))
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.torch_peer",
-        "--compile_child",
-        f"--reps={reps}",
-        f"--warmup={warmup}",
-        f"--torch_threads={threads}",
-        f"--data_dir={data_dir}",
-        f"--compile_budget={budget}",
-    ]
-    start = time.perf_counter()
-    try:
-        # The child stops itself past the compile budget; this timeout is a backstop.
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=budget + 120)
-    except subprocess.TimeoutExpired:
-        return {
-            "status": f"unavailable/slow: no result within {budget + 120} s",
-            "inductor_cache_was_warm": cache_warm,
-        }
-    if done.returncode == SLOW_EXIT:
-        return {
-            "status": f"slow: torch.compile took over {budget} s",
-            "inductor_cache_was_warm": cache_warm,
-        }
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["no stderr"]
-        return {"status": f"unavailable: child exited {done.returncode}: {tail[0][:200]}"}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["wall_s"] = time.perf_counter() - start
-    result["status"] = "ok"
-    result["inductor_cache_was_warm"] = cache_warm
-    return result
+    return time.perf_counter() - start
 
 
 def main(argv: list[str]) -> None:
@@ -106,10 +50,6 @@ def main(argv: list[str]) -> None:
 
     threads = FLAGS.torch_threads or os.cpu_count()
     torch.set_num_threads(threads)
-    if FLAGS.compile_child:
-        with common.json_stdout() as emit:
-            emit(compile_child(FLAGS.compile_budget, FLAGS.reps, FLAGS.warmup, FLAGS.data_dir))
-        return
 
     import jax
     from flax import nnx
@@ -173,21 +113,7 @@ def main(argv: list[str]) -> None:
         runs = {"jax": jax_step, "torch": run_torch}
         if FLAGS.torch_1thread and threads > 1:
             runs["torch_1thread"] = run_torch_1thread
-        times = {name: [] for name in runs}
-        for _ in range(FLAGS.reps):
-            # Alternate, so background load on a shared machine hits all alike; the gap lets
-            # the other framework's worker threads, which spin a while after a step, go idle.
-            for name, fn in runs.items():
-                time.sleep(GAP_S)
-                times[name] += common.timed(fn, 0, 1)
-        jt, tt = common.summary(times["jax"]), common.summary(times["torch"])
-        losses = {"jax": jax_step(), "torch": run_torch()}
-
-        compiled = {"status": "not tried (--notorch_compile)"}
-        if FLAGS.torch_compile:
-            compiled = run_compiled(
-                FLAGS.compile_budget, FLAGS.reps, FLAGS.warmup, threads, FLAGS.data_dir
-            )
+        times = alternate(runs, FLAGS.reps)
         record = {
             "benchmark": "torch_peer",
             "config": train_step.config_summary(config),
@@ -197,31 +123,74 @@ def main(argv: list[str]) -> None:
             "max_abs_diff": max_abs_diff,
             "grad_max_rel_diff": grad_diff,
             "parity_s": parity_s,
-            "jax_step_s": jt["median"],
-            "torch_step_s": tt["median"],
-            "jax_step": jt,
-            "torch_step": tt,
-            "jax_tokens_per_s": stats["real_tokens"] / jt["median"],
-            "torch_tokens_per_s": stats["real_tokens"] / tt["median"],
-            "speedup": tt["median"] / jt["median"],  # > 1: JAX is faster
-            # Fastest steps: what each does when no other process takes a core.
-            "speedup_min": tt["min"] / jt["min"],
             "jax_compile_s": jax_step.compile_s,
-            "loss_after_steps": losses,
             "torch_threads": threads,
             "torch_attention": "F.scaled_dot_product_attention, boolean segment mask",
-            "torch_compile": compiled,
-            "load_average": {"start": load_start, "end": common.load_average()},
-            "machine": common.machine_info(),
+            "torch_compile": {"status": "not tried (--notorch_compile)"},
         }
-        if "torch_1thread" in times:
-            record["torch_1thread_step"] = common.summary(times["torch_1thread"])
-        if compiled.get("status") == "ok":
-            med = compiled["step_s"]["median"]
-            record["torch_compiled_step_s"] = med
-            record["torch_compiled_tokens_per_s"] = stats["real_tokens"] / med
-            record["speedup_vs_compiled"] = med / jt["median"]
-        emit(common.round_floats(record))
+        record.update(step_figures(times, stats))
+
+        def finish() -> None:
+            record["loss_after_steps"] = {name: float(fn()) for name, fn in runs.items()}
+            record["load_average"] = {"start": load_start, "end": common.load_average()}
+            record["machine"] = common.machine_info()
+            emit(common.round_floats(record))
+
+        if FLAGS.torch_compile:
+            # A second copy of the initial weights, compiled; then all three alternate step by
+            # step, and those are the figures reported (the eager-only round is kept as a
+            # cross-check of load: it should agree).
+            compiled_model = torch_dit.from_jax(jax_step.model())
+            compiled_step = torch_dit.TrainStep(
+                compiled_model, config, compile_model=torch.compile(compiled_model)
+            )
+            record["torch_compile"] = {"status": f"slow: over {FLAGS.compile_budget} s"}
+            compile_s = compile_budgeted(
+                compiled_step, torch_batch, FLAGS.compile_budget, on_timeout=finish
+            )
+            record["torch_compile"] = {"status": "ok", "compile_s": compile_s}
+            runs["torch_compiled"] = lambda: compiled_step(torch_batch)
+            for _ in range(FLAGS.warmup):
+                runs["torch_compiled"]()
+            record["two_way_round"] = {k: record[k] for k in ("jax_step_s", "torch_step_s")}
+            record.update(step_figures(alternate(runs, FLAGS.reps), stats))
+        finish()
+
+
+def alternate(runs: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of each run's steps, taken in turn: background load on a shared machine hits all
+    alike; the gap lets the other framework's worker threads, which spin a while after a step,
+    go idle."""
+    times = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            time.sleep(GAP_S)
+            times[name] += common.timed(fn, 0, 1)
+    return times
+
+
+def step_figures(times: dict[str, list[float]], stats: dict) -> dict:
+    jt, tt = common.summary(times["jax"]), common.summary(times["torch"])
+    out = {
+        "jax_step_s": jt["median"],
+        "torch_step_s": tt["median"],
+        "jax_step": jt,
+        "torch_step": tt,
+        "jax_tokens_per_s": stats["real_tokens"] / jt["median"],
+        "torch_tokens_per_s": stats["real_tokens"] / tt["median"],
+        "speedup": tt["median"] / jt["median"],  # > 1: JAX is faster
+        # Fastest steps: what each does when no other process takes a core.
+        "speedup_min": tt["min"] / jt["min"],
+    }
+    if "torch_1thread" in times:
+        out["torch_1thread_step"] = common.summary(times["torch_1thread"])
+    if "torch_compiled" in times:
+        ct = common.summary(times["torch_compiled"])
+        out["torch_compiled_step"] = ct
+        out["torch_compiled_step_s"] = ct["median"]
+        out["torch_compiled_tokens_per_s"] = stats["real_tokens"] / ct["median"]
+        out["speedup_vs_compiled"] = ct["median"] / jt["median"]
+    return out
 
 
 def skip(reason: str) -> None:
@@ -237,10 +206,9 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", "", "Take the batch from the real pipeline here.")
     flags.DEFINE_bool("grad_parity", True, "Also check the loss gradients agree.")
     flags.DEFINE_bool("torch_compile", True, "Also time a torch.compile'd model.")
-    flags.DEFINE_integer("compile_budget", 60, "Seconds allowed to torch.compile.")
+    flags.DEFINE_integer("compile_budget", 600, "Seconds allowed to torch.compile.")
     flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = os.cpu_count().")
     flags.DEFINE_bool("torch_1thread", True, "Also time torch on one thread (load check).")
-    flags.DEFINE_bool("compile_child", False, "Internal: the torch.compile child.")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg)
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 2200
+    c.total_steps = 2600
     c.stop_after = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0 = never
     c.batch_size = 4  # packs per step, over all processes
     c.log_every = 25

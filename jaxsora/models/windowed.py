@@ -102,31 +102,21 @@ def windowed_attention(q_BLHK, k_BMHK, v_BMHK, seg_q_BL, seg_kv_BM, *, window: i
 @jax.custom_vjp
 def _dense_attention(q, k, v, seg_q, seg_kv):
     """All [L, M] scores, the probabilities kept for the backward (no recomputation): the
-    path for windows of more than half the keys. Its backward is flash attention's (the row
-    sums come from dO . O, [L] per head, not from an [L, M] reduction as autodiff's do)."""
+    path for windows of more than half the keys; flash attention's backward on them."""
     return _dense_forward(q, k, v, seg_q, seg_kv)[0]
 
 
 def _dense_forward(q, k, v, seg_q, seg_kv):
-    s = _masked_scores(q[:, :, None], k[:, :, None], seg_q[:, None], seg_kv[:, None])[:, :, 0]
-    m = s.max(-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    total = p.sum(-1, keepdims=True)
-    p = p / jnp.where(total > 0, total, 1.0)
-    o = jnp.einsum("bhlm,bhmk->bhlk", p.astype(v.dtype), v)
+    one = lambda x: x[:, :, None]  # every query one block, every key one window
+    p, _ = _softmax(_masked_scores(one(q), one(k), seg_q[:, None], seg_kv[:, None]))
+    o = jnp.einsum("bhnqw,bhnwk->bhnqk", p.astype(v.dtype), one(v))[:, :, 0]
     return o, (q, k, v, p, o)
 
 
 def _dense_backward(res, do):
     q, k, v, p, o = res
-    scale = q.shape[-1] ** -0.5
-    do32 = do.astype(jnp.float32)
-    dv = jnp.einsum("bhlm,bhlk->bhmk", p, do32)
-    dp = jnp.einsum("bhlk,bhmk->bhlm", do32, v, preferred_element_type=jnp.float32)
-    delta = (do32 * o.astype(jnp.float32)).sum(-1, keepdims=True)
-    ds = p * (dp - delta) * scale
-    dq = jnp.einsum("bhlm,bhmk->bhlk", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bhlm,bhlk->bhmk", ds, q, preferred_element_type=jnp.float32)
+    one = lambda x: x[:, :, None]
+    dq, dk, dv = (g[:, :, 0] for g in _grads_from_probs(p, *map(one, (q, k, v, o, do))))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
@@ -140,7 +130,7 @@ def _attention(q, k, v, seg_q, seg_kv, window, block):
 
 def _forward(q, k, v, seg_q, seg_kv, window, block):
     """q [B, H, L, K], k and v [B, H, M, K] -> (o [B, H, L, K], residuals)."""
-    L, M = q.shape[2], k.shape[2]
+    L = q.shape[2]
     starts, fits = window_plan(seg_q, seg_kv, block, window)
     q_pad, seg_pad = _pad_to_blocks(q, block, axis=2), _pad_to_blocks(seg_q, block, axis=1)
 
@@ -156,7 +146,7 @@ def _forward(q, k, v, seg_q, seg_kv, window, block):
         )
         return _unblock(ob), _unblock(lse)
 
-    o, lse = dense(None) if window >= M else jax.lax.cond(fits, windowed, dense, None)
+    o, lse = jax.lax.cond(fits, windowed, dense, None)
     o = o[:, :, :L].astype(v.dtype)
     return o, (q, k, v, seg_q, seg_kv, o, lse, starts, fits)
 
@@ -189,7 +179,7 @@ def _backward(window, block, res, do):
         )
         return _unblock(dqb), dk[:, :, 0], dv[:, :, 0]
 
-    dq, dk, dv = dense(None) if window >= M else jax.lax.cond(fits, windowed, dense, None)
+    dq, dk, dv = jax.lax.cond(fits, windowed, dense, None)
     dq = dq[:, :, :L]
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
@@ -207,29 +197,39 @@ def _masked_scores(qb, kw, seg_qb, sw):
     return jnp.where(same[:, None], s, -jnp.inf)
 
 
-def _core_forward(qb, kw, vw, seg_qb, sw):
-    s = _masked_scores(qb, kw, seg_qb, sw)
+def _softmax(s):
+    """Row softmax of -inf-masked scores and its log-sum-exp; a row with no key gets zero
+    probabilities and lse +inf (so that a backward's exp(s - lse) is 0 there too)."""
     m = s.max(-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows with no key: every score is -inf
     p = jnp.exp(s - m)
     total = p.sum(-1, keepdims=True)
     p = p / jnp.where(total > 0, total, 1.0)
-    ob = jnp.einsum("bhnqw,bhnwk->bhnqk", p.astype(vw.dtype), vw)
-    # +inf for rows with no key, so that the backward's exp(s - lse) is 0 there too.
     lse = jnp.where(total[..., 0] > 0, m[..., 0] + jnp.log(total[..., 0]), jnp.inf)
+    return p, lse
+
+
+def _core_forward(qb, kw, vw, seg_qb, sw):
+    p, lse = _softmax(_masked_scores(qb, kw, seg_qb, sw))
+    ob = jnp.einsum("bhnqw,bhnwk->bhnqk", p.astype(vw.dtype), vw)
     return ob.astype(jnp.float32), lse
 
 
 def _core_backward(qb, kw, vw, seg_qb, sw, ob, dob, lse):
-    """Flash attention's backward on the recomputed probabilities: dq [B, H, nb, bq, K] and
-    dk, dv per window [B, H, nb, W, K]."""
-    scale = qb.shape[-1] ** -0.5
+    """The backward inside windows, on probabilities recomputed from q, k and the saved lse."""
     p = jnp.exp(_masked_scores(qb, kw, seg_qb, sw) - lse[..., None])
+    return _grads_from_probs(p, qb, kw, vw, ob, dob)
+
+
+def _grads_from_probs(p, qb, kw, vw, ob, dob):
+    """Flash attention's backward from the probabilities: dq [B, H, nb, bq, K] and dk, dv per
+    window [B, H, nb, W, K]. The row sums come from dO . O ([bq] per block and head), not
+    from a [bq, W] reduction as autodiff's softmax backward does."""
+    scale = qb.shape[-1] ** -0.5
     dob32 = dob.astype(jnp.float32)
     dvw = jnp.einsum("bhnqw,bhnqk->bhnwk", p, dob32)
     dp = jnp.einsum("bhnqk,bhnwk->bhnqw", dob32, vw, preferred_element_type=jnp.float32)
-    # An elementwise product and a sum: as an einsum it lowers to a dot of length-K vectors.
-    delta = (dob32 * ob.astype(jnp.float32)).sum(-1)
+    delta = (dob32 * ob.astype(jnp.float32)).sum(-1)  # elementwise: as an einsum, a dot per row
     ds = p * (dp - delta[..., None]) * scale
     dqb = jnp.einsum("bhnqw,bhnwk->bhnqk", ds, kw, preferred_element_type=jnp.float32)
     dkw = jnp.einsum("bhnqw,bhnqk->bhnwk", ds, qb, preferred_element_type=jnp.float32)
