@@ -1,6 +1,6 @@
 """Attention cost against pack length: dense `xla` against `windowed`, at fixed segment sizes.
 
-    python -m benchmarks.attention_scaling [--lengths 1024,...,16384 --plot docs/attention_scaling.png]
+    python -m benchmarks.attention_scaling [--lengths 1024,...,16384 --plot FILE.png]
 
 For each pack length L, one pack of segments drawn from [--min_segment, --max_segment] tokens (the
 same seed for every L, padding at the end, as the packer lays them out) with a caption of
