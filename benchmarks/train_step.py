@@ -134,6 +134,7 @@ def breakdown(step: JaxStep, reps: int) -> tuple[dict, float | None]:
     XLA's FLOP count of the unrolled step (a scanned step's count has the loop body once)."""
     from jaxsora import train
     from jaxsora.models.attention import attention
+    from jaxsora.models.dit import attention_windows
 
     config, graphdef = step.config, step.graphdef
     key = jax.random.key(0)
@@ -161,9 +162,25 @@ def breakdown(step: JaxStep, reps: int) -> tuple[dict, float | None]:
     seg = b["segment_ids"]
     ctx_seg = jnp.where(b["text_mask"], jnp.arange(1, S + 1)[None, :, None], 0).reshape(B, -1)
 
-    @jax.jit
-    def attn_grad(q, k, v, seg_kv):
-        f = lambda q, k, v: jnp.sum(attention(q, k, v, seg, seg_kv) ** 2)
+    # The config's backend, with the windows its model would use on this batch.
+    cfg = train.dit_config(config)
+    self_w, cross_w = attention_windows(cfg, L, ctx_seg)
+
+    @functools.partial(jax.jit, static_argnums=4)
+    def attn_grad(q, k, v, seg_kv, window):
+        def f(q, k, v):
+            out = attention(
+                q,
+                k,
+                v,
+                seg,
+                seg_kv,
+                backend=cfg.attention,
+                window=window,
+                block=cfg.attention_block,
+            )
+            return jnp.sum(out**2)
+
         return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
 
     depth = config.model.depth
@@ -172,10 +189,10 @@ def breakdown(step: JaxStep, reps: int) -> tuple[dict, float | None]:
         "forward": lambda: jax.block_until_ready(forward(step.state, b)),
         "forward_backward": lambda: jax.block_until_ready(forward_backward(step.state, b)),
         "self_attention_core_fwd_bwd_all_layers": lambda: [
-            jax.block_until_ready(attn_grad(q, q, q, seg)) for _ in range(depth)
+            jax.block_until_ready(attn_grad(q, q, q, seg, self_w)) for _ in range(depth)
         ],
         "cross_attention_core_fwd_bwd_all_layers": lambda: [
-            jax.block_until_ready(attn_grad(q, ctx, ctx, ctx_seg)) for _ in range(depth)
+            jax.block_until_ready(attn_grad(q, ctx, ctx, ctx_seg, cross_w)) for _ in range(depth)
         ],
     }
     unrolled_flops = xla_flops(step.compiled)
