@@ -13,8 +13,9 @@ from flax import nnx
 
 from jaxsora.models import windowed
 from jaxsora.models.attention import xla_attention
-from jaxsora.models.dit import DiTConfig, attention_windows, make_model
+from jaxsora.models.dit import attention_windows, make_model
 from tests.conftest import randomize_params
+from tests.test_model import CFG as MODEL_CFG
 
 B, L, H, K = 2, 384, 2, 16
 S, LT = 16, 8
@@ -135,18 +136,9 @@ def test_new_clip_sizes_reuse_the_compiled_attention():
     assert f._cache_size() == 1
 
 
-CFG = DiTConfig(
-    patch_dim=12,
-    width=32,
-    depth=2,
-    num_heads=2,
-    text_vocab=64,
-    text_len=LT,
-    text_width=16,
-    text_depth=1,
-    text_heads=2,
-    attention_block=BLOCK,
-    segment_tokens=(MIN_SEG, MAX_SEG),
+# tests/test_model.py's small DiT, with captions of LT tokens and windows sized for these packs.
+CFG = dataclasses.replace(
+    MODEL_CFG, text_len=LT, attention_block=BLOCK, segment_tokens=(MIN_SEG, MAX_SEG)
 )
 
 
