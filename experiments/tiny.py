@@ -63,10 +63,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text_heads = 2
     c.model.rope_theta = 100.0  # grids here are a few patches wide: slower rotations
     c.model.dtype = "float32"
-    # Self-attention backend: xla (CPU/GPU), splash (TPU), and for packs split over
+    # Attention backend: windowed (any device: each block of model.attention_block queries
+    # reads one window of keys at its segments, and only its segments' captions; sized from
+    # data.min_tokens/max_tokens), xla (dense, masked), splash (TPU), and for packs split over
     # mesh.context: context (all-to-all; heads per tensor shard divisible by mesh.context) or
     # ring (k/v passed round the context devices; any head count).
     c.model.attention = "windowed"
+    c.model.attention_block = 64
     c.model.remat = "none"  # per-block activation checkpointing: none, full, dots, dots_saveable
     # Scanned blocks compile once whatever the depth (pods); on a CPU, for 4 blocks, unrolled
     # steps are about 10% faster (benchmarks/train_step.py), so this config unrolls.

@@ -113,6 +113,9 @@ DIT_CHECKS = (
     config_checks.number("model.mlp_norm_eps", 0.0, open_low=True, optional=True),
     config_checks.one_of("model.dtype", ("float32", "bfloat16")),
     config_checks.one_of("model.attention", attention_backends.BACKENDS),
+    config_checks.integer(
+        "model.attention_block", 1, optional=True, why="queries per window of `windowed`"
+    ),
     config_checks.one_of("text.encoder", captions.ENCODERS, optional=True),
     config_checks.boolean("model.scan_layers", optional=True),
     config_checks.integer("data.seq_len", 1),
