@@ -29,6 +29,7 @@ WEIGHTS, SCHEDULE, FREE = "weights", "schedule", "free"
 RULES: tuple[tuple[str, str, str], ...] = (
     # DiT (config key "model"): execution only. Parameters stay float32 whatever `dtype` says.
     ("model.attention", FREE, "the attention kernel computes the same function"),
+    ("model.attention_block", FREE, "the windowed kernel's query block: the same function"),
     ("model.dtype", FREE, "the compute dtype; parameters are float32"),
     ("model.remat", FREE, "activation checkpointing recomputes, it stores no weights"),
     (
