@@ -21,7 +21,13 @@ Semantics, shared by both paths: a query attends the keys of its own segment id;
 (id 0) and queries with no key get 0 (`xla_attention` lets padding attend padding: those outputs
 are never used, and the model never mixes padding into real tokens, so losses and gradients are
 the same). The backward pass recomputes the scores from q, k and the saved log-sum-exp, as flash
-attention does, so no `L x window` probabilities are kept between the passes.
+attention does, so no `L x window` probabilities are kept between the passes (and no residuals of
+the branch the `cond` did not take, which autodiff of a `cond` would zero-fill at full size).
+
+Where a window would be more than half the keys (short packs, long clips) windows save nothing,
+so the dense path is chosen statically; it keeps its probabilities for the backward instead of
+recomputing them, and both backwards take the softmax's row sums from dO . O (flash attention's
+trick) rather than reducing the `L x M` gradient as autodiff does, which is faster on CPU.
 """
 
 from __future__ import annotations
