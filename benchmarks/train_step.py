@@ -132,7 +132,7 @@ def attention_useful_fraction(batch: dict[str, np.ndarray]) -> dict:
 def breakdown(step: JaxStep, reps: int) -> tuple[dict, float | None]:
     """Median seconds of the parts of a step, each compiled on its own, timed round-robin; and
     XLA's FLOP count of the unrolled step (a scanned step's count has the loop body once)."""
-    from jaxsora import train
+    from jaxsora import flops, train
     from jaxsora.models.attention import attention
     from jaxsora.models.dit import attention_windows
 
@@ -160,7 +160,7 @@ def breakdown(step: JaxStep, reps: int) -> tuple[dict, float | None]:
     q = jnp.asarray(rng.standard_normal((B, L, H, K)), jnp.float32)
     ctx = jnp.asarray(rng.standard_normal((B, S * Lt, H, K)), jnp.float32)
     seg = b["segment_ids"]
-    ctx_seg = jnp.where(b["text_mask"], jnp.arange(1, S + 1)[None, :, None], 0).reshape(B, -1)
+    ctx_seg = jnp.asarray(flops.caption_segment_ids(jax.device_get(b["text_mask"])))
 
     # The config's backend, with the windows its model would use on this batch.
     cfg = train.dit_config(config)

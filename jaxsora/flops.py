@@ -168,7 +168,7 @@ def windowed_pairs(seg_q_BL, seg_kv_BM, window: int, block: int) -> int:
     M = np.asarray(seg_kv_BM).shape[1]
     if 2 * window > M:  # the plain dense path (autodiff's backward: no rescoring)
         return B * L * M
-    _, fits = windowed.window_plan(seg_q_BL, seg_kv_BM, block, window)
+    _, fits = windowed.window_plan(np.asarray(seg_q_BL), np.asarray(seg_kv_BM), block, window)
     blocks = -(-L // block)
     return B * blocks * block * (window if bool(fits) else M)
 

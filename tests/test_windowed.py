@@ -122,6 +122,22 @@ def test_cross_attention_with_small_segments_falls_back_exactly():
     assert max(compare(seg, captions, CROSS_WINDOW, *qkv(rng, S * LT))) < TOL
 
 
+def test_the_host_plan_the_flop_count_uses_is_the_compiled_plan():
+    """jaxsora/flops.py plans on the host in NumPy; the step plans in JAX: same starts, same
+    choice of path, on packer-like and on arbitrary ids."""
+    rng = np.random.default_rng(8)
+    for case in range(40):
+        seg = np.stack([random_pack(rng) for _ in range(B)])
+        keys = caption_ids(rng, seg) if case % 2 else seg
+        if case % 4 == 3:
+            seg, keys = (rng.integers(-1, 6, x.shape).astype(np.int32) for x in (seg, keys))
+        window = int(rng.integers(8, keys.shape[1]))
+        host = windowed.window_plan(seg, keys, BLOCK, window)
+        traced = jax.jit(windowed.window_plan, static_argnums=(2, 3))(seg, keys, BLOCK, window)
+        np.testing.assert_array_equal(host[0], np.asarray(traced[0]))
+        assert bool(host[1]) == bool(traced[1]), case
+
+
 def test_new_clip_sizes_reuse_the_compiled_attention():
     rng = np.random.default_rng(5)
     q, k, v = qkv(rng, L)

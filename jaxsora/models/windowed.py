@@ -37,6 +37,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DEFAULT_BLOCK = 64  # queries per block: smaller wastes less window, larger gathers less
 
@@ -61,31 +62,50 @@ def cross_window(min_segment: int, block: int, num_segments: int, caption_len: i
 
 def window_plan(seg_q_BL, seg_kv_BM, block: int, window: int):
     """Where each query block's window starts (int32 [B, nb], nb = ceil(L / block)) and whether
-    every block's keys fit in its window (bool scalar: False = the dense path runs)."""
-    seg_q_BL, seg_kv_BM = jnp.asarray(seg_q_BL), jnp.asarray(seg_kv_BM)
+    every block's keys fit in its window (bool scalar: False = the dense path runs).
+
+    NumPy ids give NumPy results, computed on the host: the trainer's FLOP count calls this
+    for every batch, and JAX ops there would queue behind the running train step."""
+    xp = np if isinstance(seg_q_BL, np.ndarray) and isinstance(seg_kv_BM, np.ndarray) else jnp
     B, L = seg_q_BL.shape
     M = seg_kv_BM.shape[1]
     window = min(window, M)
     ids = max(L, M) + 1  # segment ids are 0..S with S <= L (pack format); others: dense path
-    in_range = jnp.all((seg_q_BL >= 0) & (seg_q_BL < ids)) & jnp.all(
+    in_range = xp.all((seg_q_BL >= 0) & (seg_q_BL < ids)) & xp.all(
         (seg_kv_BM >= 0) & (seg_kv_BM < ids)
     )
-    pos = jnp.arange(M, dtype=jnp.int32)
-    seg_kv = jnp.clip(seg_kv_BM, 0, ids - 1)
-    first = jax.vmap(lambda s: jax.ops.segment_min(pos, s, ids))(seg_kv)  # [B, ids]
-    last = jax.vmap(lambda s: jax.ops.segment_max(pos, s, ids))(seg_kv)
-    seg_q = _pad_to_blocks(jnp.clip(seg_q_BL, 0, ids - 1), block, axis=1)  # padding: id 0
-    q_first = jnp.take_along_axis(first, seg_q, axis=1)
-    q_last = jnp.take_along_axis(last, seg_q, axis=1)
-    # Padding queries attend nothing; a segment without keys has first > last (segment_min's
-    # identity is the int max, segment_max's the int min).
+    first, last = _key_ranges(xp.clip(seg_kv_BM, 0, ids - 1), ids, xp)  # [B, ids] each
+    seg_q = xp.clip(seg_q_BL, 0, ids - 1)
+    pad = -L % block
+    seg_q = xp.pad(seg_q, [(0, 0), (0, pad)]) if pad else seg_q  # padding: id 0
+    q_first = xp.take_along_axis(first, seg_q, axis=1)
+    q_last = xp.take_along_axis(last, seg_q, axis=1)
+    # Padding queries attend nothing; a segment without keys has first > last.
     needs = (seg_q > 0) & (q_first <= q_last)
-    big = jnp.iinfo(jnp.int32).max
-    lo = jnp.where(needs, q_first, big).reshape(B, -1, block).min(-1)
-    hi = jnp.where(needs, q_last + 1, 0).reshape(B, -1, block).max(-1)
-    starts = jnp.clip(jnp.minimum(lo, M - window), 0, M - window).astype(jnp.int32)
-    fits = jnp.all(hi <= starts + window) & in_range
+    big = np.iinfo(np.int32).max
+    lo = xp.where(needs, q_first, big).reshape(B, -1, block).min(-1)
+    hi = xp.where(needs, q_last + 1, 0).reshape(B, -1, block).max(-1)
+    starts = xp.clip(xp.minimum(lo, M - window), 0, M - window).astype(xp.int32)
+    fits = xp.all(hi <= starts + window) & in_range
     return starts, fits
+
+
+def _key_ranges(seg_kv_BM, ids: int, xp):
+    """First and last position of each id among the keys, [B, ids]; an absent id has first =
+    the int32 max and last = the int32 min (segment_min's and segment_max's identities)."""
+    M = seg_kv_BM.shape[1]
+    pos = xp.arange(M, dtype=xp.int32)
+    if xp is jnp:
+        first = jax.vmap(lambda s: jax.ops.segment_min(pos, s, ids))(seg_kv_BM)
+        last = jax.vmap(lambda s: jax.ops.segment_max(pos, s, ids))(seg_kv_BM)
+        return first, last
+    info = np.iinfo(np.int32)
+    first = np.full((seg_kv_BM.shape[0], ids), info.max, np.int32)
+    last = np.full((seg_kv_BM.shape[0], ids), info.min, np.int32)
+    rows = np.broadcast_to(np.arange(seg_kv_BM.shape[0])[:, None], seg_kv_BM.shape)
+    np.minimum.at(first, (rows, seg_kv_BM), np.broadcast_to(pos, seg_kv_BM.shape))
+    np.maximum.at(last, (rows, seg_kv_BM), np.broadcast_to(pos, seg_kv_BM.shape))
+    return first, last
 
 
 def windowed_attention(q_BLHK, k_BMHK, v_BMHK, seg_q_BL, seg_kv_BM, *, window: int, block: int):
