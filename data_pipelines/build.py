@@ -15,7 +15,9 @@ importing `data_pipelines.build` (the import registers the builders).
 from __future__ import annotations
 
 import os
+import shlex
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -45,13 +47,33 @@ def make_builder(name: str, data_dir: str, **builder_kwargs: Any) -> tfds.core.D
     return BUILDERS[dataset](data_dir=os.path.abspath(data_dir), **builder_kwargs)
 
 
+def beam_pipeline_options(beam_options: str | Sequence[str]):
+    """Beam's PipelineOptions from flags as one string ("--runner=DirectRunner
+    --direct_num_workers=2") or a list."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args = shlex.split(beam_options) if isinstance(beam_options, str) else list(beam_options)
+    return PipelineOptions(args)
+
+
 def build(
-    name: str, data_dir: str, *, overwrite: bool = False, **builder_kwargs: Any
+    name: str,
+    data_dir: str,
+    *,
+    overwrite: bool = False,
+    beam_options: str | Sequence[str] | None = None,
+    num_shards: int | None = None,
+    **builder_kwargs: Any,
 ) -> tfds.core.DatasetBuilder:
     """Prepares `name` under `data_dir` (reusing a finished build unless `overwrite`).
 
     `builder_kwargs` go to the builder, e.g. `folder=` for video_folder, `vae_dir=` for latents,
-    `text_encoder=`, `text_checkpoint=`, `text_max_tokens=` for caption_embeddings.
+    `text_encoder=`, `text_checkpoint=`, `text_max_tokens=` for caption_embeddings,
+    `recaptioner=` for the builders that make captions. `beam_options` (Beam's pipeline flags,
+    e.g. "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing")
+    runs the build on Apache Beam (builders of `data_pipelines.engine`; the same records as
+    without); `num_shards` fixes the number of array_record files per split (TFDS sizes them
+    otherwise: one per 64 MiB-1 GiB).
     """
     builder = make_builder(name, data_dir, **builder_kwargs)
     mode = (
@@ -64,7 +86,12 @@ def build(
     has_format = getattr(builder.info.file_format, "value", None) == "array_record"
     builder.download_and_prepare(
         # try_download_gcs=False: never look for a prebuilt copy online.
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False, download_mode=mode),
+        download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False,
+            download_mode=mode,
+            beam_options=beam_pipeline_options(beam_options) if beam_options else None,
+            num_shards=num_shards,
+        ),
         file_format=None if has_format else "array_record",
     )
     return builder
@@ -97,8 +124,19 @@ def main(argv: list[str]) -> None:
         )
     elif f.text_checkpoint:
         raise app.UsageError("--text_checkpoint needs --text_encoder (minilm, t5 or umt5)")
+    if f.recaptioner:
+        kwargs["recaptioner"] = f.recaptioner
+    if f.drop_bad_media:
+        kwargs["drop_bad_media"] = True
     start = time.perf_counter()
-    builder = build(f.dataset, f.data_dir, overwrite=f.overwrite, **kwargs)
+    builder = build(
+        f.dataset,
+        f.data_dir,
+        overwrite=f.overwrite,
+        beam_options=f.beam_options,
+        num_shards=f.num_shards,
+        **kwargs,
+    )
     print(summary(builder, time.perf_counter() - start))
 
 
@@ -121,6 +159,24 @@ def _define_flags() -> None:
     )
     flags.DEFINE_integer("text_max_tokens", 16, "Caption tokens kept, for caption_embeddings.")
     flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset already exists.")
+    flags.DEFINE_string(
+        "beam_options",
+        None,
+        "Build on Apache Beam with these pipeline flags, e.g. '--runner=DirectRunner "
+        "--direct_num_workers=2 --direct_running_mode=multi_processing' (README, Data).",
+    )
+    flags.DEFINE_integer("num_shards", None, "array_record files per split (default: by size).")
+    flags.DEFINE_string(
+        "recaptioner",
+        None,
+        "identity, template or package.module:function (data_pipelines/recaption.py), for the "
+        "builders that make captions.",
+    )
+    flags.DEFINE_bool(
+        "drop_bad_media",
+        False,
+        "video_folder: leave undecodable files out (default: counted, kept).",
+    )
     flags.mark_flag_as_required("dataset")
 
 

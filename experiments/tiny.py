@@ -94,6 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.frame_stride = 1
     c.data.buffer_size = 64  # examples the packer sees at once
     c.data.max_bad_fraction = 0.05  # error budget for undecodable media
+    # The recaptioner every source's captions must come from (data_pipelines/recaption.py; the
+    # build's --recaptioner, stored in the dataset): checked when training starts.
+    c.data.recaptioner = "identity"
     c.data.token_drop_rate = 0.0  # NaViT token dropping: up to this fraction per example
     # The task mix: each example draws a task, which gives some of its frames clean as
     # conditioning (jaxsora/data/tasks.py); one model learns text-to-video, image-to-video,

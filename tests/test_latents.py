@@ -23,7 +23,7 @@ from data_pipelines.build import build
 from jaxsora import compression, sample
 from jaxsora import train as trainer
 from jaxsora.compression import LatentSpace, VaeMismatchError, make_stage
-from jaxsora.data import pipeline, video
+from jaxsora.data import latent_records, pipeline, video
 from jaxsora.data.media import decode_example
 from jaxsora.models.vae import BadShapeError, VAEConfig, VideoVAE
 from tests.conftest import REPO, run_module_result, write_ramp_mp4
@@ -216,19 +216,102 @@ def test_cache_round_trips_counts_bad_media_and_records_the_vae(cache_dir, stage
         clip = pipeline.frames_to_latent_grid(
             frames, tuple(sizing["patch"]), stage, sizing["max_tokens"]
         )
-        assert tuple(r["pixel_shape"]) == clip.shape[:3]
+        assert r["pixel_shapes"].tolist() == [list(clip.shape[:3])]
+        assert r["token_budgets"].tolist() == [sizing["max_tokens"]]
         t, h, w = clip.shape[:3]
-        assert r["latents"].shape == (1 + (t - 1) // 4, h // 8, w // 8, 4)
-        assert r["latents"].shape[0] * (h // 16) * (w // 16) <= sizing["max_tokens"]
+        (z,) = latent_records.sizes(r)
+        assert z.shape == (1 + (t - 1) // 4, h // 8, w // 8, 4)
+        assert z.shape[0] * (h // 16) * (w // 16) <= sizing["max_tokens"]
         fresh = stage.encode_raw(clip)
-        np.testing.assert_allclose(r["latents"], fresh, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(z, fresh, atol=TOLERANCE, rtol=0)
         np.testing.assert_allclose(
-            stage.to_pixels(stage.normalize(r["latents"])),
+            stage.to_pixels(stage.normalize(z)),
             stage.to_pixels(stage.normalize(fresh)),
             atol=TOLERANCE,
             rtol=0,
         )
-    assert {tuple(r["pixel_shape"]) for r in cached} == {(9, 80, 128), (1, 224, 144)}
+    assert {tuple(r["pixel_shapes"][0]) for r in cached} == {(9, 80, 128), (1, 224, 144)}
+
+
+# Two workers in one process: the VAE compiles once per pixel shape for both (a
+# multi_processing pair would compile everything twice); tests/test_beam_builds.py runs two
+# worker processes.
+BEAM_THREADS = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_threading"
+MULTIRES = "latents/video_folder_multires"  # token budgets (32, 64, 128)
+
+
+@pytest.fixture(scope="module")
+def multires_dirs(cache_dir, vae_dir, tmp_path_factory):
+    """The cache_dir folder's latents at three budgets: built here, and on Beam."""
+    dirs = str(tmp_path_factory.mktemp("multires_here")), str(tmp_path_factory.mktemp("beam"))
+    for data_dir, beam in zip(dirs, (None, BEAM_THREADS), strict=True):
+        build(
+            MULTIRES.replace("/", ":"),
+            data_dir,
+            vae_dir=vae_dir,
+            source_data_dir=cache_dir,
+            beam_options=beam,
+        )
+    return dirs
+
+
+def test_a_multires_cache_holds_each_budget_and_beam_writes_the_same_records(
+    multires_dirs, cache_dir, stage
+):
+    here, beam = multires_dirs
+    src, cached = records(here, MULTIRES)
+    beam_src, beam_cached = records(beam, MULTIRES)
+    assert len(cached) == len(beam_cached) == 3
+    for a, b in zip(cached, beam_cached, strict=True):
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    meta, beam_meta = src.dataset_info.metadata, beam_src.dataset_info.metadata
+    assert meta["skipped"] == beam_meta["skipped"] == {"train": 1}  # corrupt.mp4
+    assert meta["counts"] == beam_meta["counts"] == {"train": {"undecodable": 1, "written": 3}}
+    assert meta["storage"] == beam_meta["storage"]
+    assert set(meta["storage"]["train"]) == {"32", "64", "128"}
+
+    _, source = records(cache_dir, "video_folder")
+    sizing = meta["sizing"]
+    for r in cached:
+        zs = latent_records.sizes(r)
+        budgets = r["token_budgets"].tolist()
+        assert budgets == sorted(budgets, reverse=True) and set(budgets) <= {32, 64, 128}
+        assert len({z.shape for z in zs}) == len(zs) >= 2  # distinct sizes, stored once each
+        frames = decode_example(source[int(r["source_index"])], max_frames=sizing["max_frames"])
+        for z, budget, pixels in zip(zs, budgets, r["pixel_shapes"], strict=True):
+            assert latent_records.tokens(z, (1, 2, 2)) <= budget
+            clip = pipeline.frames_to_latent_grid(frames, (1, 2, 2), stage, budget)
+            assert tuple(pixels) == clip.shape[:3]
+        # The smallest size against a fresh encode (the largest is the single-budget test's).
+        np.testing.assert_allclose(zs[-1], stage.encode_raw(clip), atol=TOLERANCE, rtol=0)
+
+
+def test_training_from_a_multires_cache_draws_several_sizes_per_clip(multires_dirs, vae_dir, stage):
+    config = latent_config(multires_dirs[0], vae_dir)
+    config.data.sources = [dict(name=MULTIRES, weight=1.0)]
+    batches = pipeline.make_batches(config, stage)
+    sizes: dict[str, set] = {}
+    for i in range(30):  # 10 epochs of 3 records: each draw is seeded by its own index
+        record = batches._records[i]
+        example = batches.example_at(i)
+        sizes.setdefault(record["path"], set()).add(example["patches"].shape[0])
+    assert len(sizes) == 3
+    for path, seen in sizes.items():
+        assert len(seen) >= 2, (path, seen)
+    # A budget that admits one size only: that size, every time, and no draw from the rng.
+    config.data.max_tokens = 40
+    spec = pipeline.example_spec(config)
+    _, cached = records(multires_dirs[0], MULTIRES)
+    for r in cached:
+        options = latent_records.sizes(r)
+        rng = np.random.default_rng(0)
+        chosen = latent_records.choose(options, spec.patch, spec.min_tokens, 40, rng)
+        counts = [latent_records.tokens(z, spec.patch) for z in options]
+        assert latent_records.tokens(chosen, spec.patch) <= 40
+        if sum(spec.min_tokens <= n <= 40 for n in counts) == 1:
+            assert rng.integers(1 << 30) == np.random.default_rng(0).integers(1 << 30)
 
 
 def test_the_pipeline_reads_cached_latents_without_ever_encoding(
@@ -250,7 +333,9 @@ def test_the_pipeline_reads_cached_latents_without_ever_encoding(
     assert batch["tokens"].shape[-1] == 1 * 2 * 2 * 4  # p_t * p_h * p_w * z_dim
     _, cached = records(cache_dir)
     # The cache was sized for this budget: every example is a whole cached clip, normalised.
-    expected = [video.patchify(stage.normalize(r["latents"]), (1, 2, 2))[0] for r in cached]
+    expected = [
+        video.patchify(stage.normalize(latent_records.sizes(r)[0]), (1, 2, 2))[0] for r in cached
+    ]
     seen = 0
     for b in range(config.batch_size):
         for s in range(1, batch["segment_ids"][b].max() + 1):

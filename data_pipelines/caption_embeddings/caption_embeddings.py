@@ -55,6 +55,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from data_pipelines import recaption
+
 EMB_KEY, MASK_KEY = "caption_emb", "caption_mask"
 # What `python -m data_pipelines.build` needs beyond --dataset and --data_dir, per source.
 _SOURCE_BUILD_ARGS = {
@@ -224,6 +226,8 @@ class CaptionEmbeddings(tfds.core.GeneratorBasedBuilder):
         metadata = self.info.metadata
         metadata["text_encoder"] = enc.identity
         metadata["source"] = {"name": config.source, "data_dir": self._source_dir}
+        # The captions are the source's: so is their recaptioner (checked at training).
+        metadata[recaption.METADATA_KEY] = recaption.stored_identity(source.info.metadata)
         metadata["caption_emb"] = {
             "dtype": "float16",
             "shape": [enc.max_tokens, enc.dim],

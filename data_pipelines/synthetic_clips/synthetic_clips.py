@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_pipelines import recaption
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -123,7 +125,7 @@ def make_example(split: str, index: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
-class SyntheticClips(tfds.core.GeneratorBasedBuilder):
+class SyntheticClips(recaption.RecaptionedBuilder):
     """Procedural captioned clips: a coloured shape moving over a plain background."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -155,6 +157,8 @@ class SyntheticClips(tfds.core.GeneratorBasedBuilder):
                     "direction": tfds.features.Text(),
                 }
             ),
+            # The recaptioner's identity (data_pipelines/recaption.py), filled at build time.
+            metadata=tfds.core.MetadataDict(),
             # Record i of a split is example i, so an index names the same clip in every build.
             disable_shuffling=True,
         )
@@ -162,11 +166,16 @@ class SyntheticClips(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # nothing to download
         config: SyntheticClipsConfig = self.builder_config
+        self.store_recaptioner()
         return {
             "train": self._generate_examples("train", config.num_train, config.seed),
             "validation": self._generate_examples("validation", config.num_validation, config.seed),
         }
 
     def _generate_examples(self, split: str, num: int, seed: int):
+        recaptioner = recaption.get_recaptioner(self.recaptioner)
         for index in range(num):
-            yield index, make_example(split, index, seed)
+            example = make_example(split, index, seed)
+            kind = "image" if example["frames"].shape[0] == 1 else "video"
+            media = recaption.Media(path=example["path"], kind=kind, array=example["frames"])
+            yield index, {**example, "caption": recaptioner(example["caption"], media)}

@@ -23,14 +23,15 @@ rebuilding from another folder into the same data_dir needs `--overwrite`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+
+from data_pipelines import engine, recaption
 
 # By extension, as FFmpeg's demuxers and Pillow know them; a .gif is decoded as a video (an
 # animated one has many frames, a still one gives a one-frame clip).
@@ -107,19 +108,85 @@ def caption_for(folder: str, rel: str, captions: dict[str, str]) -> str:
     return os.path.splitext(os.path.basename(rel))[0].replace("_", " ").strip()
 
 
-class VideoFolder(tfds.core.GeneratorBasedBuilder):
+def probe(data: bytes, kind: str, path: str) -> None:
+    """Raises BadMediaError unless the file's first frame decodes (a cheap check: one frame)."""
+    from jaxsora.data.media import check_frames, decode_image_bytes, decode_video_bytes
+
+    if kind == "video":
+        check_frames(decode_video_bytes(data, path, max_frames=1), path)
+    else:
+        check_frames(decode_image_bytes(data, path), path)
+
+
+@dataclasses.dataclass
+class FolderFiles(engine.Processor):
+    """One unit: a run of (key, relative path); each file read, probed and captioned."""
+
+    folder: str
+    captions: dict[str, str]
+    drop_bad_media: bool
+    recaptioner: str = "identity"
+
+    def setup(self) -> None:
+        self._recaption = recaption.get_recaptioner(self.recaptioner)
+
+    def __call__(self, unit):
+        from jaxsora.data.media import BadMediaError
+
+        for key, rel in unit:
+            path = os.path.join(self.folder, rel)
+            kind = media_kind(rel)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                yield engine.Skip("unreadable", f"{path}: {e}")
+                continue
+            try:
+                probe(data, kind, path)
+            except BadMediaError as e:
+                if self.drop_bad_media:
+                    yield engine.Skip("undecodable", str(e))
+                    continue
+                # Kept: the input pipeline skips and counts it as it reads (see the module doc).
+                yield engine.Tally("undecodable")
+            caption = caption_for(self.folder, rel, self.captions)
+            media = recaption.Media(path=path, kind=kind, data=data)
+            yield (
+                key,
+                {
+                    "media": data,
+                    "media_kind": kind,
+                    "caption": self._recaption(caption, media),
+                    "path": path,
+                },
+            )
+
+
+class VideoFolder(recaption.RecaptionedBuilder, engine.EngineBuilder):
     """User media from a folder, stored undecoded with a caption per file."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "Builds on Apache Beam too; files probed, counts and recaptioner in metadata.",
+    }
+    FILES_PER_UNIT = 64
 
     def __init__(
-        self, *, folder: str | None = None, file_format: str | None = "array_record", **kwargs
+        self,
+        *,
+        folder: str | None = None,
+        drop_bad_media: bool = False,
+        file_format: str | None = "array_record",
+        **kwargs,
     ):
         # array_record: random access through `as_data_source`, with no TensorFlow.
         super().__init__(file_format=file_format, **kwargs)
         self._folder = os.path.abspath(os.path.expanduser(folder)) if folder else None
-        self._original_state["folder"] = folder  # survives pickling, like the other args
+        self._drop_bad_media = bool(drop_bad_media)
+        # Survive pickling, like the other args.
+        self._original_state.update(folder=folder, drop_bad_media=drop_bad_media)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -132,6 +199,8 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
                     "path": tfds.features.Text(),
                 }
             ),
+            # Filled at build time: the counts per split and the recaptioner's identity.
+            metadata=tfds.core.MetadataDict(),
             disable_shuffling=True,  # record i is the i-th file in sorted order
         )
 
@@ -151,27 +220,18 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
                 f"video_folder: no media in {self._folder} ({len(unknown)} files of other "
                 f"kinds); expected files ending in {', '.join(VIDEO_EXTS + IMAGE_EXTS)}"
             )
-        return {"train": self._generate_examples(files)}
-
-    def _generate_examples(self, files: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
         captions = read_captions_jsonl(self._folder)
-        if unknown := sorted(set(captions) - set(files)):
+        if missing := sorted(set(captions) - set(files)):
             logging.warning(
                 "%s names %d files not in the folder, e.g. %s",
                 CAPTIONS_FILE,
-                len(unknown),
-                unknown[:3],
+                len(missing),
+                missing[:3],
             )
-        for key, rel in enumerate(files):
-            path = os.path.join(self._folder, rel)
-            with open(path, "rb") as f:
-                data = f.read()
-            yield (
-                key,
-                {
-                    "media": data,
-                    "media_kind": media_kind(rel),
-                    "caption": caption_for(self._folder, rel, captions),
-                    "path": path,
-                },
-            )
+        self.store_recaptioner()
+        processor = FolderFiles(self._folder, captions, self._drop_bad_media, self.recaptioner)
+        units = engine.chunks(list(enumerate(files)), self.FILES_PER_UNIT)
+        return {"train": self.run_units("train", units, processor)}
+
+    def _generate_examples(self, **kwargs):
+        raise NotImplementedError  # the splits come from run_units

@@ -40,7 +40,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from jaxsora.compression import Stage, VaeMismatchError, check_same_vae
-from jaxsora.data import captions, packing, tasks, video
+from jaxsora.data import captions, latent_records, packing, tasks, video
 from jaxsora.data.media import BadMediaError, decode_example_window
 from jaxsora.sharding import batch_sharding
 
@@ -155,7 +155,8 @@ def cached_example(
       * space: sides cropped (centred) to whole patches; if the clip is over `max_tokens`,
         latent frames are dropped from the end first, then the frame is centre-cropped to the
         largest patch grid of its aspect ratio within the budget. A cache built for this
-        budget is never cropped. `min_tokens` does not apply: the cache fixed each clip's size.
+        budget is never cropped. `min_tokens` only chooses among a multi-resolution record's
+        sizes (`latent_records.choose`, before this): the cache fixed each size.
       * values: normalised by the stage's per-channel statistics.
     """
     pt, ph, pw = spec.patch
@@ -240,6 +241,29 @@ def check_source_stage(name: str, records, stage: Stage) -> None:
     check_same_vae(cached, identity, name)
 
 
+class RecaptionerMismatchError(ValueError):
+    pass
+
+
+def check_source_recaptioner(name: str, records, expected: str) -> None:
+    """The captions of `name` must come from the config's `data.recaptioner`
+    (data_pipelines/recaption.py): a model trained on one caption style is prompted in that
+    style (`sample.prompt_extension`), so a source in another style is a config error. Datasets
+    built before recaptioning existed read as "identity"."""
+    info = getattr(records, "dataset_info", None)
+    metadata = getattr(info, "metadata", None) or {}
+    stored = metadata.get("recaptioner") if hasattr(metadata, "get") else None
+    stored_name = (stored or {}).get("name", "identity")
+    if stored_name != expected:
+        version = (stored or {}).get("version") or ""
+        raise RecaptionerMismatchError(
+            f"config data.sources: dataset {name!r} has captions from recaptioner "
+            f"{stored_name!r}{f' (version {version!r})' if version else ''}, but config "
+            f"data.recaptioner={expected!r}; set data.recaptioner={stored_name!r}, or rebuild "
+            f"the dataset with `--recaptioner {expected}` (data_pipelines.build)"
+        )
+
+
 # What `python -m data_pipelines.build` needs beyond --dataset and --data_dir, per builder.
 _BUILD_ARGS = {"video_folder": " --folder YOUR_MEDIA_FOLDER", "latents": " --vae_dir YOUR_VAE_DIR"}
 EPOCH_KEY = "_epoch"  # added to every record by `open_sources`: its pass over its source
@@ -301,6 +325,7 @@ def open_sources(
     seed: int,
     stage: Stage | None = None,
     text: captions.TextSpec | None = None,
+    recaptioner: str | None = None,
 ) -> tuple[grain.MapDataset, int]:
     """Each source's shard for this process, shuffled per epoch and repeated, then mixed; and
     how many distinct records the shards hold together.
@@ -309,7 +334,8 @@ def open_sources(
     hosts step in lockstep and never wait on a collective that one of them will not reach.
     Each record carries `EPOCH_KEY`. With `stage`, each source is checked against it
     (`check_source_stage`); with `text`, its precomputed caption embeddings, if any, against
-    the text encoder (`captions.check_source_encoder`).
+    the text encoder (`captions.check_source_encoder`); with `recaptioner`, the captions'
+    recaptioner against it (`check_source_recaptioner`).
     """
     datasets, weights, total = [], [], 0
     for i, src in enumerate(sources):
@@ -319,6 +345,8 @@ def open_sources(
             check_source_stage(name, records, stage)
         if text is not None:
             captions.check_source_encoder(name, records, text)
+        if recaptioner is not None:
+            check_source_recaptioner(name, records, recaptioner)
         ds = grain.MapDataset.source(records)
         per_process = len(ds) // jax.process_count()
         if per_process == 0:
@@ -371,8 +399,16 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         rng = np.random.default_rng([self._seed, index])
         try:
             if "latents" in record:  # a latent cache: no decoding, no VAE
+                spec = self._spec
+                z = latent_records.choose(
+                    latent_records.sizes(record),
+                    spec.patch,
+                    spec.min_tokens,
+                    spec.max_tokens,
+                    rng,
+                )
                 return cached_example(
-                    record["latents"],
+                    z,
                     captions.caption_of(record),
                     self._spec,
                     self._stage,
@@ -482,7 +518,13 @@ def make_batches(config, stage: Stage, split: str = "train") -> PackedBatches:
             f"{jax.process_count()} processes"
         )
     records, num_records = open_sources(
-        d.data_dir, list(d.sources), split, config.seed, stage, captions.text_spec(config)
+        d.data_dir,
+        list(d.sources),
+        split,
+        config.seed,
+        stage,
+        captions.text_spec(config),
+        recaptioner=d.get("recaptioner", "identity"),
     )
     return PackedBatches(
         records,
