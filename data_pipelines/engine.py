@@ -16,9 +16,10 @@ into `(key, example)` pairs and `Skip`s. `EngineBuilder.run_units` then
 The keys are the processor's, so the records and their order are the same on both engines
 (TFDS sorts by key when a builder disables shuffling). A `Skip` (a corrupt file, an
 undecodable source record) is logged and counted by reason, never fatal; the processor may
-also `Tally` what it did (e.g. clips encoded). Counts come back per split: from a local
-`Counter`, or from Beam's metrics after the pipeline; the builder's `record_counts` hook gets
-them before TFDS writes the dataset's info, so they land in its metadata on both engines.
+also `Tally` what it did (e.g. bytes stored) and keep a `Peak` (e.g. the largest error).
+Counts come back per split: from a local `Counter`, or from Beam's metrics after the pipeline;
+the builder's `record_counts` hook gets them before TFDS writes the dataset's info, so they
+land in its metadata on both engines.
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ class Tally:
     n: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """A value whose maximum over the split is kept under `name` (an int: Beam's
+    distributions are integer; scale fractions, e.g. by `FIXED_POINT`)."""
+
+    name: str
+    value: int
+
+
+FIXED_POINT = 2**30  # float statistics as integers (units of 2**-30), for Tally and Peak
+
+
 class Processor:
     """Turns one work unit into `(key, example)` pairs, `Skip`s and `Tally`s. Picklable: Beam
     ships it to every worker, so hold paths and settings, and load heavy things in `setup`."""
@@ -58,7 +71,7 @@ class Processor:
     def setup(self) -> None:
         """Called once per process before the first unit (a Beam worker's DoFn.setup)."""
 
-    def __call__(self, unit: Any) -> Iterator[tuple[Any, dict[str, Any]] | Skip | Tally]:
+    def __call__(self, unit: Any) -> Iterator[tuple[Any, dict[str, Any]] | Skip | Tally | Peak]:
         raise NotImplementedError
 
 
@@ -113,6 +126,8 @@ class EngineBuilder(tfds.core.GeneratorBasedBuilder):
                     _log_skip(split, item)
                 elif isinstance(item, Tally):
                     counts[item.name] += item.n
+                elif isinstance(item, Peak):
+                    counts[item.name] = max(counts.get(item.name, item.value), item.value)
                 else:
                     counts[WRITTEN] += 1
                     yield item

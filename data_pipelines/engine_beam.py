@@ -32,6 +32,10 @@ class _RunUnit(beam.DoFn):
                 Metrics.counter(
                     engine.METRICS_NAMESPACE, engine.counter_name(self._split, item.name)
                 ).inc(item.n)
+            elif isinstance(item, engine.Peak):
+                Metrics.distribution(
+                    engine.METRICS_NAMESPACE, engine.counter_name(self._split, item.name)
+                ).update(item.value)
             else:
                 Metrics.counter(
                     engine.METRICS_NAMESPACE, engine.counter_name(self._split, engine.WRITTEN)
@@ -50,7 +54,8 @@ def transform(split: str, units: list[Any], processor: engine.Processor) -> beam
 
 
 def split_counts(pipeline_result) -> dict[str, collections.Counter]:
-    """The pipeline's `jaxsora` counters as {split: Counter(what -> n)}."""
+    """The pipeline's `jaxsora` counters (summed) and distributions (their max) as
+    {split: Counter(what -> n)}."""
     query = pipeline_result.metrics().query(
         MetricsFilter().with_namespace(engine.METRICS_NAMESPACE)
     )
@@ -59,4 +64,9 @@ def split_counts(pipeline_result) -> dict[str, collections.Counter]:
         split, _, what = counter.key.metric.name.partition("/")
         value = counter.committed if counter.committed is not None else counter.attempted
         out[split][what] += int(value or 0)
+    for dist in query["distributions"]:
+        split, _, what = dist.key.metric.name.partition("/")
+        value = dist.committed if dist.committed is not None else dist.attempted
+        if value is not None and value.count:
+            out[split][what] = max(out[split].get(what, value.max), int(value.max))
     return dict(out)

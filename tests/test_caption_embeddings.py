@@ -183,3 +183,28 @@ def test_training_reads_the_precomputed_embeddings_without_running_the_encoder(
     hashed.text.encoder = "hashed"
     with pytest.raises(TextEncoderMismatchError, match="text.encoder='hashed'"):
         pipeline.make_batches(hashed, PixelSpace())
+
+
+def test_the_beam_build_embeds_on_the_workers_and_writes_the_same_records(
+    data_dir, built, tmp_path
+):
+    """Two DirectRunner workers (threads: one MiniLM load and compile for both), one unit per
+    split: the same records, identity and error statistics as the single-process build."""
+    beam = build(
+        NAME,
+        str(tmp_path),
+        source_data_dir=data_dir,
+        text_encoder="minilm",
+        beam_options="--runner=DirectRunner --direct_num_workers=2 "
+        "--direct_running_mode=multi_threading",
+    )
+    here = tfds.builder(NAME, data_dir=built)
+    for key in ("text_encoder", "source", "caption_emb", "recaptioner", "counts"):
+        assert beam.info.metadata[key] == here.info.metadata[key], key
+    for split in ("train", "validation"):
+        a, b = here.as_data_source(split), beam.as_data_source(split)
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            assert sorted(a[i]) == sorted(b[i])
+            for key in a[i]:
+                np.testing.assert_array_equal(a[i][key], b[i][key], err_msg=f"{split}[{i}].{key}")

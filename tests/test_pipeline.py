@@ -330,3 +330,27 @@ def test_token_dropping_keeps_a_subset_of_each_examples_patches_with_their_posit
 def test_a_built_dataset_without_the_split_names_the_splits_it_has(data_dir):
     with pytest.raises(ValueError, match=r"cannot be read as split 'test'.*'train'"):
         pipeline.open_records(data_dir, "synthetic_clips/small", "test")
+
+
+def test_each_process_opens_only_the_shards_that_hold_its_share(tmp_path, monkeypatch):
+    """A split in 4 array_record shards read by 2 processes: each opens the 2 files of its
+    half, gets exactly the records the whole split has there, and its sources hold that half."""
+    import jax
+    import tensorflow_datasets as tfds
+
+    data_dir = str(tmp_path)
+    build("synthetic_clips:small", data_dir, num_shards=4)
+    whole = tfds.data_source("synthetic_clips/small", split="train", data_dir=data_dir)
+    assert len(whole) == 64 and len(whole.dataset_info.splits["train"].shard_lengths) == 4
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for index in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        share, start = pipeline.open_process_share(data_dir, "synthetic_clips/small", "train")
+        files = {i.filename for i in share.data_source._read_instructions}
+        assert start == 32 * index
+        assert sorted(f[-14:] for f in files) == [f"0000{2 * index + k}-of-00004" for k in (0, 1)]
+        for i in (0, 17, 31):
+            assert share[i]["path"] == whole[start + i]["path"]
+        config = runlocal_config(data_dir)
+        _, count = pipeline.open_sources(data_dir, list(config.data.sources), "train", 0)
+        assert count == 32

@@ -47,15 +47,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 
-from data_pipelines import recaption
+from data_pipelines import engine, recaption
+from data_pipelines.engine import FIXED_POINT, WRITTEN
 
 EMB_KEY, MASK_KEY = "caption_emb", "caption_mask"
 # What `python -m data_pipelines.build` needs beyond --dataset and --data_dir, per source.
@@ -71,6 +69,7 @@ class CaptionEmbeddingsConfig(tfds.core.BuilderConfig):
 
     source: str = "synthetic_clips"  # a TFDS name[/config] in the same data_dir
     encode_batch: int = 64  # captions per encoder call (the last call padded to it)
+    batches_per_unit: int = 4  # encoder batches per work unit (one Beam element)
     splits: tuple[str, ...] = ()  # source splits to copy; () = all of them
     max_examples: int = 0  # per split, from the start; 0 = all (smoke tests)
 
@@ -87,7 +86,7 @@ def _build_command(source: str, data_dir: str) -> str:
     return f"python -m data_pipelines.build --dataset {name}{extra} --data_dir {data_dir}"
 
 
-class CaptionEmbeddings(tfds.core.GeneratorBasedBuilder):
+class CaptionEmbeddings(engine.EngineBuilder):
     """Another dataset's records, unchanged, plus frozen-text-encoder caption embeddings."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -234,39 +233,80 @@ class CaptionEmbeddings(tfds.core.GeneratorBasedBuilder):
             "float16_max_abs_error": {},
             "float16_mean_abs_error": {},
         }
-        return {s: self._generate_examples(s, records[s], enc) for s in splits}
+        generators = {}
+        for split in splits:
+            n = len(records[split])
+            n = min(n, config.max_examples) if config.max_examples else n
+            step = config.encode_batch * config.batches_per_unit
+            units = [(a, min(a + step, n)) for a in range(0, n, step)]
+            processor = EmbedCaptions(
+                config.source,
+                self._source_dir,
+                split,
+                self._text_kind,
+                self._text_checkpoint,
+                self._text_max_tokens,
+                config.encode_batch,
+            )
+            generators[split] = self.run_units(split, units, processor)
+        return generators
 
-    def _generate_examples(self, split: str, records, enc) -> Iterator[tuple[int, dict[str, Any]]]:
-        config: CaptionEmbeddingsConfig = self.builder_config
-        n = len(records) if not config.max_examples else min(len(records), config.max_examples)
-        start, max_err, sum_err = time.perf_counter(), 0.0, 0.0
-        for first in range(0, n, config.encode_batch):
-            batch = [records[i] for i in range(first, min(first + config.encode_batch, n))]
+    def _generate_examples(self, **kwargs):
+        raise NotImplementedError  # the splits come from run_units
+
+    def record_counts(self, split: str, counts: dict[str, int]) -> None:
+        caption_emb = self.info.metadata["caption_emb"]
+        caption_emb["float16_max_abs_error"][split] = counts.get("max_error", 0) / FIXED_POINT
+        values = max(counts.get("values", 0), 1)
+        caption_emb["float16_mean_abs_error"][split] = counts.get("sum_error", 0) / (
+            FIXED_POINT * values
+        )
+        self.info.metadata.setdefault("counts", {})[split] = {WRITTEN: counts[WRITTEN]}
+
+
+@dataclasses.dataclass
+class EmbedCaptions(engine.Processor):
+    """One unit: a run of source records (whole encoder batches), copied with their captions'
+    embeddings. The encoder loads once per worker (`setup`)."""
+
+    source: str
+    source_dir: str
+    split: str
+    text_kind: str
+    text_checkpoint: str | None
+    text_max_tokens: int
+    encode_batch: int
+
+    def setup(self) -> None:
+        import data_pipelines.build  # noqa: F401  (registers the source builders)
+        from jaxsora.text.encoders import load_text_encoder
+
+        self._enc = load_text_encoder(self.text_kind, self.text_checkpoint, self.text_max_tokens)
+        self._records = tfds.builder(self.source, data_dir=self.source_dir).as_data_source(
+            self.split
+        )
+
+    def __call__(self, unit: tuple[int, int]):
+        start, stop = unit
+        enc = self._enc
+        for first in range(start, stop, self.encode_batch):
+            batch = [self._records[i] for i in range(first, min(first + self.encode_batch, stop))]
             captions = [_text(r["caption"]) for r in batch]
-            padded = captions + captions[-1:] * (config.encode_batch - len(captions))
+            padded = captions + captions[-1:] * (self.encode_batch - len(captions))
             emb32, mask = enc.embed(padded)
             emb32, mask = emb32[: len(batch)], mask[: len(batch)]
             emb = emb32.astype(np.float16)
             if not np.isfinite(emb).all():
                 raise ValueError(
-                    f"caption_embeddings/{split}: records {first}..{first + len(batch) - 1}: "
-                    f"embeddings overflow float16 (max |x| = {np.abs(emb32).max():.4g} > 65504); "
-                    f"this encoder ({enc.kind}, {enc.checkpoint}) cannot be cached in float16"
+                    f"caption_embeddings/{self.split}: records {first}..{first + len(batch) - 1}"
+                    f": embeddings overflow float16 (max |x| = {np.abs(emb32).max():.4g} > "
+                    f"65504); this encoder ({enc.kind}, {enc.checkpoint}) cannot be cached in "
+                    "float16"
                 )
             err = np.abs(emb.astype(np.float32) - emb32)
-            max_err, sum_err = max(max_err, float(err.max())), sum_err + float(err.sum())
+            yield engine.Peak("max_error", round(float(err.max()) * FIXED_POINT))
+            yield engine.Tally("sum_error", round(float(err.sum(dtype=np.float64)) * FIXED_POINT))
+            yield engine.Tally("values", int(err.size))
             for offset, record in enumerate(batch):
                 # The record as read, re-encoded by the same features: unchanged.
                 yield first + offset, {**record, EMB_KEY: emb[offset], MASK_KEY: mask[offset]}
-        caption_emb = self.info.metadata["caption_emb"]
-        caption_emb["float16_max_abs_error"][split] = max_err
-        values = max(n * enc.max_tokens * enc.dim, 1)
-        caption_emb["float16_mean_abs_error"][split] = sum_err / values
-        logging.info(
-            "caption_embeddings/%s: %d captions embedded (%s), %.1f s; float16 max abs error %.2e",
-            split,
-            n,
-            enc.kind,
-            time.perf_counter() - start,
-            max_err,
-        )

@@ -27,6 +27,7 @@ with the paths of the last bad files instead of spinning forever.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -298,9 +299,47 @@ def missing_dataset_message(data_dir: str, name: str, split: str) -> str:
 
 
 def open_records(data_dir: str, name: str, split: str):
-    """A built TFDS dataset's records with random access, or a message saying how to build it."""
-    try:
+    """A built TFDS dataset's records with random access, or a message saying how to build it.
+    `split` may be a TFDS slice ("train[100:200]"): only the shard files it covers are opened."""
+    with _read_errors(data_dir, name, split):
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+
+def split_size(data_dir: str, name: str, split: str) -> int:
+    """Records in a built split, from its dataset_info (no shard file is opened)."""
+    with _read_errors(data_dir, name, split):
+        return tfds.builder(name, data_dir=data_dir).info.splits[split].num_examples
+
+
+def open_process_share(
+    data_dir: str,
+    name: str,
+    split: str,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
+    """This process's contiguous share of a split (`split_size // process_count` records, the
+    remainder dropped so hosts step in lockstep), opened as a TFDS split slice: a host opens
+    only the array_record shards that hold its share, never every shard of the split (a pod
+    of hundreds of hosts over thousands of shards). Returns (records, the index in the split of
+    the share's first record)."""
+    total = split_size(data_dir, name, split)
+    count = jax.process_count() if process_count is None else process_count
+    index = jax.process_index() if process_index is None else process_index
+    size = total // count
+    if size == 0:
+        raise ValueError(
+            f"dataset {name!r} has {total} records, fewer than the {count} processes reading "
+            "it; build more data or drop the source"
+        )
+    start = index * size
+    return open_records(data_dir, name, f"{split}[{start}:{start + size}]"), start
+
+
+@contextlib.contextmanager
+def _read_errors(data_dir: str, name: str, split: str):
+    try:
+        yield
     except Exception as e:  # TFDS raises several kinds when a dataset was never built
         if _is_built(data_dir, name):  # built: the split or the file format is wrong
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -340,22 +379,15 @@ def open_sources(
     datasets, weights, total = [], [], 0
     for i, src in enumerate(sources):
         name = src["name"]
-        records = open_records(data_dir, name, split)
+        records, _ = open_process_share(data_dir, name, split)
         if stage is not None:
             check_source_stage(name, records, stage)
         if text is not None:
             captions.check_source_encoder(name, records, text)
         if recaptioner is not None:
             check_source_recaptioner(name, records, recaptioner)
-        ds = grain.MapDataset.source(records)
-        per_process = len(ds) // jax.process_count()
-        if per_process == 0:
-            raise ValueError(
-                f"dataset {name!r} has {len(ds)} records, fewer than the "
-                f"{jax.process_count()} processes reading it"
-            )
-        start = jax.process_index() * per_process
-        ds = ds[start : start + per_process].seed(seed + 7919 * i).shuffle().repeat()
+        per_process = len(records)
+        ds = grain.MapDataset.source(records).seed(seed + 7919 * i).shuffle().repeat()
         datasets.append(ds.map_with_index(functools.partial(_tag_epoch, per_process)))
         weights.append(float(src.get("weight", 1.0)))
         total += per_process

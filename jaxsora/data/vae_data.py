@@ -39,7 +39,7 @@ from absl import logging
 
 from jaxsora.data import video
 from jaxsora.data.media import BadMediaError, decode_example, decode_example_window
-from jaxsora.data.pipeline import open_records
+from jaxsora.data.pipeline import open_process_share, open_records
 
 BUCKET_FIELDS = ("frames", "height", "width", "videos", "images")
 TEMPORAL_FACTOR = 4  # the VAE's causal time compression: clips have 1 + 4k frames
@@ -126,13 +126,13 @@ class Shard:
     """This process's contiguous slice `[start, start + size)` of one source's records."""
 
     name: str
-    records: Sequence[Mapping[str, Any]]  # random access (a TFDS data source, or a list)
-    start: int
+    records: Sequence[Mapping[str, Any]]  # the slice alone, random access (a TFDS data source)
+    start: int  # the slice's first record, as an index into the whole split
     size: int
     weight: float = 1.0
 
     def __getitem__(self, i: int) -> Mapping[str, Any]:
-        return self.records[self.start + i]
+        return self.records[i]
 
 
 def open_shards(
@@ -153,14 +153,9 @@ def open_shards(
         name, weight = src["name"], float(src.get("weight", 1.0))
         if not weight > 0:
             raise ValueError(f"config data.sources[{i}].weight = {weight} must be > 0")
-        records = open_records(data_dir, name, split)
-        size = len(records) // pc
-        if size == 0:
-            raise ValueError(
-                f"dataset {name!r} has {len(records)} records, fewer than the {pc} processes "
-                "reading it; build more data or drop the source"
-            )
-        shards.append(Shard(name, records, pi * size, size, weight))
+        # Only the array_record shards holding this process's share are opened.
+        records, start = open_process_share(data_dir, name, split, pi, pc)
+        shards.append(Shard(name, records, start, len(records), weight))
     return shards
 
 
