@@ -7,6 +7,13 @@
         --data_dir data/tfds   # the VAE latents of a dataset already built in data_dir
     python -m data_pipelines.build --dataset caption_embeddings:synthetic_clips \
         --text_encoder minilm --data_dir data/tfds   # + caption embeddings of a built dataset
+    python -m data_pipelines.build --dataset video_folder --folder my_clips --data_dir data/mine \
+        --beam_options="--runner=DirectRunner --direct_num_workers=2 \
+        --direct_running_mode=multi_processing"      # on Apache Beam (README, "Data")
+
+video_folder, latents and caption_embeddings run on Apache Beam when given --beam_options
+(data_pipelines/engine.py: the same records as without); --num_shards sets the array_record
+files per split, --recaptioner rewrites captions as they are built (data_pipelines/recaption.py).
 
 Read back with `builder.as_data_source(split)` or `tfds.data_source(name, data_dir=...)` after
 importing `data_pipelines.build` (the import registers the builders).
@@ -14,6 +21,7 @@ importing `data_pipelines.build` (the import registers the builders).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import time
@@ -102,9 +110,11 @@ def summary(builder: tfds.core.DatasetBuilder, seconds: float) -> str:
     size = sum(
         os.path.getsize(os.path.join(builder.data_dir, f)) for f in os.listdir(builder.data_dir)
     )
+    counts = (builder.info.metadata or {}).get("counts")
+    counted = f", counts {json.dumps(counts, sort_keys=True)}" if counts else ""
     return (
         f"{builder.info.full_name}: {splits} examples, {seconds:.1f} s, "
-        f"{size / 2**20:.1f} MiB in {builder.data_dir}"
+        f"{size / 2**20:.1f} MiB in {builder.data_dir}{counted}"
     )
 
 

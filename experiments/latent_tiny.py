@@ -35,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.patch = (1, 2, 2)  # latent units: 1 latent frame x 16 x 16 pixels
     c.data.sources = [dict(name=args.get("source", "latents/synthetic_clips"), weight=1.0)]
     c.data.max_tokens = 128  # the cache's budget (data_pipelines/latents: max_tokens)
-    c.data.min_tokens = 16  # unused by cached latents (the cache fixed their sizes)
+    # With a multi-resolution cache (latents/synthetic_clips_multires), each example draws one
+    # of its clip's sizes within [min_tokens, max_tokens]; a single-size cache fixed them.
+    c.data.min_tokens = 16
     c.data.max_frames = 17  # pixel frames: 1 + 4 * 4 -> 5 latent frames
     return c

@@ -67,7 +67,9 @@ class LatentsConfig(tfds.core.BuilderConfig):
     seed: int = 0  # the per-clip budget draw
     max_frames: int = 17  # pixel frames read from the start of each clip (1 + 4k is exact)
     encode_batch: int = 8  # clips per encoder call (padded to it), sharded over local devices
-    records_per_unit: int = 64  # source records per work unit (one Beam element)
+    # Source records per work unit (one Beam element). Big: a unit batches its clips by pixel
+    # shape, and each shape's last batch is padded, so small units encode much padding.
+    records_per_unit: int = 1024
     splits: tuple[str, ...] = ()  # source splits to encode; () = all of them
     max_examples: int = 0  # per split, from the start; 0 = all (smoke tests)
 

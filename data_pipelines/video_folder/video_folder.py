@@ -1,9 +1,17 @@
 """video_folder: a folder of your own videos and images, with captions, as a TFDS dataset.
 
-Why raw bytes: decoding at build time would either crash on one bad file or silently drop it.
-The builder stores every media file as it is; `jaxsora.data.media.decode_example` decodes in
-the input pipeline, where a corrupt or empty file raises `BadMediaError` naming the file and
-is skipped and counted.
+Why raw bytes: the input pipeline decodes only the frames an example uses, at the size it
+draws, so decoding at build time would fix one size and cost the disk of raw frames. The
+builder stores every media file as it is, after a probe (its first frame decoded) that counts
+the files that fail ("undecodable" in the metadata's "counts", logged with their paths):
+kept by default, where `jaxsora.data.media.decode_example` raises `BadMediaError` naming the
+file in the input pipeline, which skips and counts it; left out with `drop_bad_media=True`
+(`--drop_bad_media`). A file that cannot be read is always left out and counted
+("unreadable"). No bad file stops the build.
+
+The build runs in units of `FILES_PER_UNIT` files (`data_pipelines.engine`), in this process or
+on Apache Beam (`--beam_options`), with the same records either way; the captions go through
+the build's recaptioner (`--recaptioner`, data_pipelines/recaption.py).
 
 Captions, first match wins: a line {"file": "sub/name.mp4", "caption": "..."} in
 `<folder>/captions.jsonl` (paths relative to the folder), a sidecar `name.txt` next to the file,
@@ -16,7 +24,8 @@ how many there were, with examples, so a folder of, say, .heic photos is not sil
     python -m data_pipelines.build --dataset video_folder --folder my_clips \
         --data_dir data/tfds_my_clips
 
-The folder is only needed to build. Read it back with
+The folder is only needed to build; on a cluster runner it must be at the same path on every
+worker (a shared mount). Read it back with
 `tfds.data_source("video_folder", split="train", data_dir=...)`. One data_dir holds one folder:
 rebuilding from another folder into the same data_dir needs `--overwrite`.
 """
