@@ -354,3 +354,15 @@ def test_each_process_opens_only_the_shards_that_hold_its_share(tmp_path, monkey
         config = runlocal_config(data_dir)
         _, count = pipeline.open_sources(data_dir, list(config.data.sources), "train", 0)
         assert count == 32
+
+
+def test_a_cache_built_at_an_older_record_format_says_to_rebuild_it(tmp_path):
+    old = tmp_path / "latents" / "video_folder" / "1.0.0"
+    old.mkdir(parents=True)
+    (old / "dataset_info.json").write_text("{}")
+    with pytest.raises(
+        ValueError,
+        match=r"version 1\.0\.0, but this code reads version 2\.0\.0.*"
+        r"Multi-resolution.*--dataset latents:video_folder .*--overwrite",
+    ):
+        pipeline.open_records(str(tmp_path), "latents/video_folder", "train")

@@ -175,11 +175,10 @@ class FolderFiles(engine.Processor):
 class VideoFolder(recaption.RecaptionedBuilder, engine.EngineBuilder):
     """User media from a folder, stored undecoded with a caption per file."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {
-        "1.0.0": "First release.",
-        "1.1.0": "Builds on Apache Beam too; files probed, counts and recaptioner in metadata.",
-    }
+    # The records are the same as in 1.0.0 (the probe, the counts and the recaptioner only add
+    # metadata), so builds from before stay readable.
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
     FILES_PER_UNIT = 64
 
     def __init__(

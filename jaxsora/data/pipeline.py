@@ -276,6 +276,29 @@ def _is_built(data_dir: str, name: str) -> bool:
     return bool(glob.glob(pattern))
 
 
+def _stale_version_message(data_dir: str, name: str) -> str | None:
+    """When `name` is built only at versions other than its builder's (a record format that
+    changed, e.g. the multi-resolution latent cache, 2.0.0): what to rebuild, else None."""
+    from data_pipelines.build import BUILDERS  # late: it imports every builder
+
+    parts = name.replace(":", "/").split("/")
+    builder = BUILDERS.get(parts[0])
+    if builder is None:
+        return None
+    pattern = os.path.join(data_dir, *parts, "*", "dataset_info.json")
+    built = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(pattern))
+    wanted = str(builder.VERSION)
+    if not built or wanted in built:
+        return None
+    return (
+        f"dataset {name!r} under data.data_dir={data_dir!r} is built at version "
+        f"{', '.join(built)}, but this code reads version {wanted} "
+        f"({builder.RELEASE_NOTES.get(wanted, 'a newer format')}); rebuild it: `python -m "
+        f"data_pipelines.build --dataset {name.replace('/', ':', 1)} --data_dir {data_dir} "
+        "--overwrite` (with the flags it was built with)"
+    )
+
+
 def missing_dataset_message(data_dir: str, name: str, split: str) -> str:
     """One short paragraph instead of TFDS's list of every dataset in its catalog: the build
     command, for the datasets this project can build, else the ones it can."""
@@ -341,7 +364,9 @@ def _read_errors(data_dir: str, name: str, split: str):
     try:
         yield
     except Exception as e:  # TFDS raises several kinds when a dataset was never built
-        if _is_built(data_dir, name):  # built: the split or the file format is wrong
+        if _is_built(data_dir, name):  # built: the version, the split or the format is wrong
+            if stale := _stale_version_message(data_dir, name):
+                raise ValueError(stale) from e
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(
                 f"dataset {name!r} under data.data_dir={data_dir!r} cannot be read as split "
