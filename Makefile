@@ -83,6 +83,7 @@ bench: data
 	$(PY) -m benchmarks.sharded_step
 	$(PY) -m benchmarks.vae_reconstruction --vae_dir $(VAE_WORKDIR)/vae --data_dir $(DATA_DIR)
 	$(PY) -m benchmarks.decode_window
+	$(PY) -m benchmarks.build_throughput
 	$(PY) -m benchmarks.export_dit --size B
 	$(PY) -m benchmarks.continuation --workdir $(WORKDIR) --data_dir $(DATA_DIR)
 	@# The default run's sample quality (make train), when there is one.

@@ -99,6 +99,7 @@ class EngineBuilder(tfds.core.GeneratorBasedBuilder):
         self._on_beam = (
             download_config.beam_options is not None or download_config.beam_runner is not None
         )
+        self._beam_splits = []
         return super()._generate_splits(dl_manager, download_config)
 
     @property
@@ -112,7 +113,7 @@ class EngineBuilder(tfds.core.GeneratorBasedBuilder):
 
             # Every split gets its counts, even one whose units all came to nothing (Beam
             # reports only the counters that were incremented).
-            self._beam_splits = [*getattr(self, "_beam_splits", []), split]
+            self._beam_splits.append(split)
             return engine_beam.transform(split, list(units), processor)
         return self._run_here(split, units, processor)
 
