@@ -21,6 +21,17 @@ def pytest_configure(config):
 
         os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsora-xla-cache-")
         config._jaxsora_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
+        # Every compile cached, not only those over 1 s: a fresh training process compiles
+        # hundreds of small programs (its eager ops, its init) that the previous one compiled.
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        # LLVM unoptimised: the suite's programs run a few steps each, and compiling them is
+        # most of their time (a 4-step VAE run: 39 s instead of 70 s, the same losses to the
+        # last bit). Numerics are the same float semantics; every run in a test is compiled
+        # alike. Tests that compare against PyTorch or scikit-image keep their tolerances.
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_backend_optimization_level" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
 
 
 def pytest_unconfigure(config):
@@ -82,7 +93,9 @@ def run_module_result(module: str, *args: str, timeout: int = 600) -> dict:
     """Runs `python -m module` in a fresh process (one that may configure simulated devices before
     JAX starts) and returns the JSON it printed after "RESULT "; fails with its stderr if none."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # a forced device count there would fight jax_num_cpu_devices
+    # A forced device count there would fight jax_num_cpu_devices; the other flags stay.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO,

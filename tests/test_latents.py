@@ -422,3 +422,22 @@ if __name__ == "__main__":
     sys.path.insert(0, REPO)
     if sys.argv[1] == "sharded":
         _sharded_check(sys.argv[2], sys.argv[3])
+
+
+def test_budgets_per_clip_draws_a_seeded_subset_and_bad_budgets_are_named():
+    from data_pipelines.latents.latents import LatentsConfig
+
+    config = LatentsConfig(name="t", token_budgets=(32, 64, 128), budgets_per_clip=2, seed=3)
+    drawn = [tuple(config.budgets_for(i)) for i in range(40)]
+    assert all(len(d) == 2 and list(d) == sorted(d, reverse=True) for d in drawn)
+    assert len(set(drawn)) == 3  # every pair of the three budgets occurs
+    assert drawn == [tuple(config.budgets_for(i)) for i in range(40)]  # a function of (seed, i)
+    assert LatentsConfig(name="t", token_budgets=(32, 64)).budgets_for(5) == [64, 32]
+    assert LatentsConfig(name="t", max_tokens=96).budgets_for(0) == [96]
+    for bad, match in [
+        (dict(token_budgets=(32, 32)), "must be distinct positive"),
+        (dict(token_budgets=(0, 8)), "must be distinct positive"),
+        (dict(token_budgets=(32, 64), budgets_per_clip=3), "at most the 2 token_budgets"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _ = LatentsConfig(name="t", **bad).budgets
