@@ -5,7 +5,7 @@ Why: a folder of a few hundred clips builds in seconds in one Python process, wh
 of millions needs the distributed engine its owner already runs (Dataflow, Flink, Spark). Both
 must give the same dataset, so both run the same code: a builder describes a split as
 picklable `units` (e.g. runs of source record indices) and a `Processor` that turns one unit
-into `(key, example)` pairs and `Skip`s. `EngineBuilder.run_units` then
+into `(key, example)` pairs and `Skip`s. `EngineBuilder._generate_examples` then
 
   * without Beam options (`tfds.download.DownloadConfig(beam_options=None)`, the default):
     runs the units here, in order, as a generator (TFDS's plain writer);
@@ -24,6 +24,7 @@ land in its metadata on both engines.
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
@@ -64,15 +65,16 @@ class Peak:
 FIXED_POINT = 2**30  # float statistics as integers (units of 2**-30), for Tally and Peak
 
 
-class Processor:
+class Processor(abc.ABC):
     """Turns one work unit into `(key, example)` pairs, `Skip`s and `Tally`s. Picklable: Beam
     ships it to every worker, so hold paths and settings, and load heavy things in `setup`."""
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027  (optional: most processors load something here)
         """Called once per process before the first unit (a Beam worker's DoFn.setup)."""
 
+    @abc.abstractmethod
     def __call__(self, unit: Any) -> Iterator[tuple[Any, dict[str, Any]] | Skip | Tally | Peak]:
-        raise NotImplementedError
+        """The unit's records, skips, tallies and peaks, in key order."""
 
 
 def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
@@ -90,7 +92,8 @@ def _log_skip(split: str, skip: Skip) -> None:
 
 
 class EngineBuilder(tfds.core.GeneratorBasedBuilder):
-    """A GeneratorBasedBuilder whose splits run through `run_units` on either engine."""
+    """A GeneratorBasedBuilder whose splits run as work units on either engine: its
+    `_split_generators` returns `self._generate_examples(split, units, processor)` per split."""
 
     def _generate_splits(self, dl_manager, download_config):
         # TFDS creates a Beam pipeline when the download config has Beam options or a runner;
@@ -106,8 +109,9 @@ class EngineBuilder(tfds.core.GeneratorBasedBuilder):
     def on_beam(self) -> bool:
         return getattr(self, "_on_beam", False)
 
-    def run_units(self, split: str, units: Iterable[Any], processor: Processor):
-        """The split's examples: a generator here, a PTransform on Beam (see the module doc)."""
+    def _generate_examples(self, split: str, units: Iterable[Any], processor: Processor):
+        """The split's examples: a generator here, a PTransform on Beam (see the module doc).
+        TFDS's own hook, implemented once here for every engine builder."""
         if self.on_beam:
             from data_pipelines import engine_beam
 

@@ -248,11 +248,8 @@ class CaptionEmbeddings(engine.EngineBuilder):
                 self._text_max_tokens,
                 config.encode_batch,
             )
-            generators[split] = self.run_units(split, units, processor)
+            generators[split] = self._generate_examples(split, units, processor)
         return generators
-
-    def _generate_examples(self, **kwargs):
-        raise NotImplementedError  # the splits come from run_units
 
     def record_counts(self, split: str, counts: dict[str, int]) -> None:
         caption_emb = self.info.metadata["caption_emb"]

@@ -284,11 +284,8 @@ class Latents(engine.EngineBuilder):
             n = sizes[split] if not config.max_examples else min(sizes[split], config.max_examples)
             units = engine.chunks(range(n), config.records_per_unit)
             processor = EncodeRecords(config, self._vae_dir, source_dir, split)
-            generators[split] = self.run_units(split, units, processor)
+            generators[split] = self._generate_examples(split, units, processor)
         return generators
-
-    def _generate_examples(self, **kwargs):
-        raise NotImplementedError  # the splits come from run_units
 
     def record_counts(self, split: str, counts: dict[str, int]) -> None:
         metadata = self.info.metadata

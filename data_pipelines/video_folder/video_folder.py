@@ -239,7 +239,4 @@ class VideoFolder(recaption.RecaptionedBuilder, engine.EngineBuilder):
         self.store_recaptioner()
         processor = FolderFiles(self._folder, captions, self._drop_bad_media, self.recaptioner)
         units = engine.chunks(list(enumerate(files)), self.FILES_PER_UNIT)
-        return {"train": self.run_units("train", units, processor)}
-
-    def _generate_examples(self, **kwargs):
-        raise NotImplementedError  # the splits come from run_units
+        return {"train": self._generate_examples("train", units, processor)}

@@ -328,12 +328,6 @@ def open_records(data_dir: str, name: str, split: str):
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
-def split_size(data_dir: str, name: str, split: str) -> int:
-    """Records in a built split, from its dataset_info (no shard file is opened)."""
-    with _read_errors(data_dir, name, split):
-        return tfds.builder(name, data_dir=data_dir).info.splits[split].num_examples
-
-
 def open_process_share(
     data_dir: str,
     name: str,
@@ -341,12 +335,15 @@ def open_process_share(
     process_index: int | None = None,
     process_count: int | None = None,
 ):
-    """This process's contiguous share of a split (`split_size // process_count` records, the
+    """This process's contiguous share of a split (its size // process_count records, the
     remainder dropped so hosts step in lockstep), opened as a TFDS split slice: a host opens
     only the array_record shards that hold its share, never every shard of the split (a pod
-    of hundreds of hosts over thousands of shards). Returns (records, the index in the split of
-    the share's first record)."""
-    total = split_size(data_dir, name, split)
+    of hundreds of hosts over thousands of shards). The split's size comes from the dataset's
+    info, so no shard is opened to learn it. Returns (records, the index in the split of the
+    share's first record)."""
+    with _read_errors(data_dir, name, split):
+        builder = tfds.builder(name, data_dir=data_dir)
+        total = builder.info.splits[split].num_examples
     count = jax.process_count() if process_count is None else process_count
     index = jax.process_index() if process_index is None else process_index
     size = total // count
@@ -356,7 +353,8 @@ def open_process_share(
             "it; build more data or drop the source"
         )
     start = index * size
-    return open_records(data_dir, name, f"{split}[{start}:{start + size}]"), start
+    with _read_errors(data_dir, name, split):
+        return builder.as_data_source(split=f"{split}[{start}:{start + size}]"), start
 
 
 @contextlib.contextmanager
