@@ -76,9 +76,37 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=names)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + 1e-6)
-        return (x32 * self.scale[...]).astype(x.dtype)
+        return rms_norm(x, self.scale[...])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """RMSNorm over the last axis in float32, times a learned gain (QK-norm).
+
+    Its backward is written out for the reason `layer_norm`'s is: autodiff's chain of small ops
+    over every head of every token cost more than the attention scores' own elementwise work
+    on a CPU (benchmarks/train_step.py)."""
+    return _rms_norm_forward(x, scale, eps)[0]
+
+
+def _rms_norm_forward(x, scale, eps):
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + eps)
+    normed = x32 * inv_rms
+    return (normed * scale).astype(x.dtype), (normed, inv_rms, scale)
+
+
+def _rms_norm_backward(eps, residuals, dy):
+    del eps
+    normed, inv_rms, scale = residuals
+    dy32 = dy.astype(jnp.float32)
+    dscale = jnp.sum(dy32 * normed, axis=tuple(range(dy.ndim - 1)))
+    g = dy32 * scale
+    dx = inv_rms * (g - normed * jnp.mean(g * normed, -1, keepdims=True))
+    return dx.astype(dy.dtype), dscale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_forward, _rms_norm_backward)
 
 
 class Attention(nnx.Module):
