@@ -62,6 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text_depth = 1
     c.model.text_heads = 2
     c.model.rope_theta = 100.0  # grids here are a few patches wide: slower rotations
+    # NaViT's fractional positions on top of RoPE: each token knows where in its frame it is.
+    c.model.frame_positions = False
     c.model.dtype = "float32"
     # Attention backend: windowed (any device: each block of model.attention_block queries
     # reads one window of keys at its segments, and only its segments' captions; sized from

@@ -90,9 +90,15 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _MISSING = "<absent>"
 
 
+# Fields added to the configs after checkpoints were already written without them: a saved config
+# that lacks one was trained with this value (what the field's absence meant then).
+ADDED_FIELDS: dict[str, Any] = {"model.frame_positions": False}
+
+
 def changes(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
     """(field, saved value, current value) for every field that differs, in name order."""
     a, b = flatten(saved), flatten(json.loads(json.dumps(current)))  # tuples -> lists, as saved
+    a = {**{k: v for k, v in ADDED_FIELDS.items() if k.partition(".")[0] in saved}, **a}
     names = sorted(set(a) | set(b))
     return [(n, a.get(n, _MISSING), b.get(n, _MISSING)) for n in names if a.get(n) != b.get(n)]
 

@@ -69,6 +69,7 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
         rope_theta=m.get("rope_theta", 10_000.0),
         num_classes=len(text.class_names) if text.encoder == captions.CLASS else 0,
         positions=m.get("positions", "rope"),
+        frame_positions=m.get("frame_positions", False),
         qk_norm=m.get("qk_norm", True),
         learn_sigma=m.get("learn_sigma", False),
         time_freq_shift=m.get("time_freq_shift", 0),
@@ -106,6 +107,7 @@ DIT_CHECKS = (
     config_checks.number("model.rope_theta", 0.0, open_low=True, optional=True),
     config_checks.one_of("model.positions", POSITIONS, optional=True),
     config_checks.boolean("model.qk_norm", optional=True),
+    config_checks.boolean("model.frame_positions", optional=True),
     config_checks.boolean("model.learn_sigma", optional=True),
     config_checks.one_of(
         "model.time_freq_shift", (0, 1), optional=True, why="0: the DiT paper's, 1: diffusers'"
@@ -184,6 +186,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             m.get("positions", "rope") != "sincos" or m.width % 4 == 0,
             f"model.width={m.width} must be divisible by 4 for model.positions='sincos' (sines "
             "and cosines of h and w)",
+        ),
+        (
+            not m.get("frame_positions", False) or m.width % 4 == 0,
+            f"model.width={m.width} must be divisible by 4 for model.frame_positions (sines "
+            "and cosines of the fractional h and w)",
         ),
         (
             m.get("positions", "rope") != "sincos" or d.max_frames == 1,

@@ -89,6 +89,7 @@ DIT_FIELD_CASES = [
     ("text.encoder", "clip", "one of ('hashed', 'minilm', 't5', 'umt5', 'class')"),
     ("model.positions", "learned", "one of ('rope', 'sincos')"),
     ("model.qk_norm", 1, "True or False"),
+    ("model.frame_positions", "yes", "True or False"),
     ("model.time_freq_shift", 2, "one of (0, 1)"),
     ("model.mlp_norm_eps", 0.0, "a number > 0"),
 ]
@@ -145,6 +146,10 @@ def test_a_t5_encoder_without_its_checkpoint_and_a_bad_task_mix_fail_in_validate
         ({"model.width": 34}, "bad config: model.width / model.num_heads = 17 must be even"),
         ({"model.text_heads": 3}, "bad config: model.text_width=32 must be divisible by"),
         ({"optim.accum_steps": 3}, "bad config: batch_size=2 must be divisible by optim.accum"),
+        (
+            {"model.frame_positions": True, "model.width": 34, "model.num_heads": 1},
+            "bad config: model.width=34 must be divisible by 4 for model.frame_positions",
+        ),
     ],
 )
 def test_fields_that_disagree_name_both(changes, expected):

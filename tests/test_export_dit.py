@@ -219,15 +219,21 @@ def _rel(got, want) -> float:
 # --------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("text_embed_dim", [0, 24], ids=["hashed_ids", "frozen_embeddings"])
-def test_torch_forward_matches_jax_packed_and_each_segment_unpacked(run8, tuned, text_embed_dim):
+@pytest.mark.parametrize(
+    "text_embed_dim, frame_positions",
+    [(0, False), (24, False), (0, True)],
+    ids=["hashed_ids", "frozen_embeddings", "frame_positions"],
+)
+def test_torch_forward_matches_jax_packed_and_each_segment_unpacked(
+    run8, tuned, text_embed_dim, frame_positions
+):
     """float32, perturbed weights (adaLN-Zero would make the output 0), a null caption and clean
     conditioning tokens in the pack; each segment alone (its own pack of one) gives the same
     tokens as in the pack."""
     cfg = DiTConfig(
         patch_dim=48, width=32, depth=2, num_heads=2, text_vocab=2048, text_len=16,
         text_width=32, text_depth=1, text_heads=2, text_embed_dim=text_embed_dim,
-        rope_theta=100.0, scan_layers=False,
+        rope_theta=100.0, frame_positions=frame_positions, scan_layers=False,
     )  # fmt: skip
     jax_model = _perturbed(cfg)
     torch_model = _torch_model(jax_model)

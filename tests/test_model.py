@@ -38,6 +38,8 @@ VARIANTS = {
     # The DiT paper's model (class labels: the caption's first id, absolute sin-cos positions,
     # no QK-norm, learned sigma): packing holds for it too.
     "original_dit": (original_dit_fields(num_classes=5), 2e-5),
+    # NaViT's fractional positions: read off each segment's own positions, so packing holds.
+    "frame_positions": (dict(frame_positions=True), 2e-5),
 }
 TOL = 2e-5
 

@@ -168,6 +168,8 @@ def unsupported(cfg, patch) -> list[str]:
         why.append(f"model.positions={cfg.positions!r} (diffusers' DiT: 'sincos')")
     if cfg.qk_norm:
         why.append("model.qk_norm=True (diffusers' DiT has no QK-norm)")
+    if cfg.frame_positions:
+        why.append("model.frame_positions=True (diffusers' DiT has no fractional positions)")
     if cfg.mlp_ratio != 4.0:
         why.append(f"model.mlp_ratio={cfg.mlp_ratio} (diffusers' DiT: 4)")
     if tuple(patch)[0] != 1 or patch[1] != patch[2]:

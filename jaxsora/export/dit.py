@@ -66,6 +66,7 @@ WEIGHT_FIELDS = (
     "text_heads",
     "text_embed_dim",
     "rope_theta",
+    "frame_positions",
     "num_classes",
     "positions",
     "qk_norm",

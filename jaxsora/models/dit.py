@@ -54,6 +54,10 @@ class DiTConfig:
     # (jaxsora/text/); 0: hashed ids and the model's own embedding table.
     text_embed_dim: int = 0
     rope_theta: float = 10_000.0
+    # NaViT's fractional positions: each token's (h, w) as a fraction of its own frame, as fixed
+    # sin-cos features added to the patch embedding. RoPE alone is relative: a token learns
+    # where the frame's edges are only through what it attends to.
+    frame_positions: bool = False
     # The original DiT's options (the defaults are jaxsora's video DiT):
     # > 0: class-conditional on this many classes (text.encoder = "class"): a label embedding
     # with one more row for the null class, no caption encoder, no cross-attention.
@@ -238,6 +242,10 @@ class DiT(nnx.Module):
         x = self.patch_in(x_BLP.astype(dtype))
         if cfg.positions == "sincos":
             x = x + sincos_2d(positions_BL3, cfg.width).astype(dtype)
+        if cfg.frame_positions:
+            x = x + frame_position_features(positions_BL3, segment_ids_BL, S, cfg.width).astype(
+                dtype
+            )
         t_BK = jnp.concatenate([t_BS, jnp.zeros_like(t_BS)], axis=1)  # K = 2S rows: t, then 0
         t_feat = timestep_embedding(t_BK, 256, freq_shift=cfg.time_freq_shift)
         t_emb = self.time_mlp2(jax.nn.silu(self.time_mlp1(t_feat.astype(dtype))))
@@ -283,6 +291,22 @@ class DiT(nnx.Module):
             lambda x, state: (_block_fn(self.cfg, graphdef, state)(x, *context), None), x, stacked
         )
         return x
+
+
+def frame_position_features(positions_BL3, segment_ids_BL, num_segments: int, dim: int):
+    """[B, L, dim] sin-cos features of each token's (h, w) as a fraction of its segment's frame
+    ((p + 0.5) / size: the extent is read off the segment's own positions, so a clip gets the
+    same features alone or packed), at frequencies pi, 2 pi, ..., (dim / 4) pi per axis."""
+    if dim % 4:
+        raise ValueError(f"model.width={dim} must be divisible by 4 for model.frame_positions")
+    hw = positions_BL3[..., 1:].astype(jnp.float32)
+    ids = num_segments + 1
+    extent = jax.vmap(lambda p, s: jax.ops.segment_max(p, s, ids))(hw, segment_ids_BL)
+    size = jnp.take_along_axis(extent, segment_ids_BL[..., None], axis=1) + 1.0
+    frac = (hw + 0.5) / jnp.maximum(size, 1.0)  # [B, L, 2]
+    omega = jnp.pi * jnp.arange(1, dim // 4 + 1, dtype=jnp.float32)
+    angles = frac[..., None] * omega  # [B, L, 2, dim / 4]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*hw.shape[:2], dim)
 
 
 def attention_windows(cfg: DiTConfig, length: int, ctx_seg_BM) -> tuple[int, int]:

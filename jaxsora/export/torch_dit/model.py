@@ -47,6 +47,7 @@ class DiTConfig:
     text_heads: int = 2
     text_embed_dim: int = 0  # > 0: captions are a frozen encoder's embeddings of this width
     rope_theta: float = 10_000.0
+    frame_positions: bool = False  # fractional (h, w) sin-cos features on the patch embedding
 
     @classmethod
     def from_dict(cls, d: Mapping) -> DiTConfig:
@@ -111,6 +112,24 @@ def apply_rope(x_BHLK: torch.Tensor, cos_B1LK2: torch.Tensor, sin_B1LK2: torch.T
 def segment_mask(seg_q_BL: torch.Tensor, seg_kv_BM: torch.Tensor) -> torch.Tensor:
     """[B, 1, L, M] bool, True where a query may attend to a key (same segment id)."""
     return (seg_q_BL[:, :, None] == seg_kv_BM[:, None, :])[:, None]
+
+
+def frame_position_features(
+    positions_BL3: torch.Tensor, segment_ids_BL: torch.Tensor, num_segments: int, dim: int
+) -> torch.Tensor:
+    """[B, L, dim]: each token's (h, w) as a fraction of its segment's frame, (p + 0.5) / size
+    with the size read off the segment's own positions, as sin-cos features at frequencies
+    pi, 2 pi, ..., (dim / 4) pi per axis (jaxsora.models.dit.frame_position_features)."""
+    hw = positions_BL3[..., 1:].float()
+    B, L, _ = hw.shape
+    idx = segment_ids_BL.long()[..., None].expand(B, L, 2)
+    extent = torch.full((B, num_segments + 1, 2), -torch.inf, dtype=hw.dtype)
+    extent = extent.scatter_reduce(1, idx, hw, reduce="amax")
+    size = torch.gather(extent, 1, idx) + 1.0
+    frac = (hw + 0.5) / size.clamp_min(1.0)
+    omega = math.pi * torch.arange(1, dim // 4 + 1, dtype=torch.float32)
+    angles = frac[..., None] * omega
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).reshape(B, L, dim)
 
 
 def per_segment(values_BSF: torch.Tensor, segment_ids_BL: torch.Tensor) -> torch.Tensor:
@@ -290,6 +309,8 @@ class DiT(nn.Module):
         cfg = self.cfg
         B, S, Lt = text_mask_BSLt.shape
         x = self.patch_in(x_BLP.float())
+        if getattr(cfg, "frame_positions", False):
+            x = x + frame_position_features(positions_BL3, segment_ids_BL, S, cfg.width)
         # Per-token time as in jaxsora: rows 0..S-1 at t, S..2S-1 at 0 for clean tokens.
         t_BK = torch.cat([t_BS, torch.zeros_like(t_BS)], dim=1)
         t_emb = self.time_mlp2(F.silu(self.time_mlp1(timestep_embedding(t_BK, 256))))
