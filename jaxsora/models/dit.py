@@ -98,6 +98,7 @@ def original_dit_fields(num_classes: int) -> dict:
     return dict(
         num_classes=num_classes,
         positions="sincos",
+        frame_positions=False,
         qk_norm=False,
         learn_sigma=True,
         time_freq_shift=1,
