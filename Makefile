@@ -86,6 +86,7 @@ bench: data
 	$(PY) -m benchmarks.build_throughput
 	$(PY) -m benchmarks.export_dit --size B
 	$(PY) -m benchmarks.continuation --workdir $(WORKDIR) --data_dir $(DATA_DIR)
+	$(PY) -m benchmarks.shape_by_noise --workdir $(WORKDIR) --data_dir $(DATA_DIR)
 	@# The default run's sample quality (make train), when there is one.
 	@if [ -d $(WORKDIR)/checkpoints ]; then $(PY) -m jaxsora.evaluate --workdir $(WORKDIR); \
 	else echo '{"benchmark": "quality", "skipped": "no run in $(WORKDIR): make train first"}'; fi
