@@ -230,3 +230,33 @@ def round_floats(record: dict, digits: int = 5) -> dict:
         return v
 
     return fix(record)
+
+
+def measure_trained_run(name: str, workdir: str, measure: Callable) -> None:
+    """Prints the one JSON line of benchmark `name` on the run in `workdir`: `measure(model,
+    config, record)` fills the record in; a workdir with nothing trained yet gives a `skipped`
+    line instead, as every benchmark does when what it measures is missing."""
+    from jaxsora.sample import load_run
+
+    with json_stdout() as emit:
+        record = {"benchmark": name, "machine": machine_info()}
+        try:
+            model, config = load_run(workdir)
+        except FileNotFoundError as e:
+            record["skipped"] = str(e)
+            emit(record)
+            return
+        record["workdir"] = workdir
+        measure(model, config, record)
+        emit(round_floats(record))
+
+
+def define_held_out_flags(clips: int, steps: int, steps_help: str = "Sampling steps.") -> None:
+    """The flags of a benchmark that samples a trained run on held-out clips."""
+    from absl import flags
+
+    flags.DEFINE_string("workdir", "runs/default", "A trained run (make train).")
+    flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir with synthetic_clips built.")
+    flags.DEFINE_string("source", "synthetic_clips", "Dataset whose validation clips are used.")
+    flags.DEFINE_integer("clips", clips, "Held-out clips.")
+    flags.DEFINE_integer("steps", steps, steps_help)

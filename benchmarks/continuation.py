@@ -65,18 +65,10 @@ def continuation_errors(
 
 def main(argv: list[str]) -> None:
     del argv
-    from jaxsora.sample import load_run
-
     f = flags.FLAGS
-    with common.json_stdout() as emit:
-        record = {"benchmark": "continuation", "machine": common.machine_info()}
-        try:
-            model, config = load_run(f.workdir)
-        except FileNotFoundError as e:  # nothing trained yet: say so, as the others do
-            record["skipped"] = str(e)
-            emit(record)
-            return
-        record.update(workdir=f.workdir, source=f.source, clips=f.clips, steps=f.steps)
+
+    def measure(model, config, record: dict) -> None:
+        record.update(source=f.source, clips=f.clips, steps=f.steps)
         record.update(frames=FRAMES, frames_given=GIVEN, side=SIDE)
         for captions in (True, False):
             given, alone = continuation_errors(
@@ -87,13 +79,10 @@ def main(argv: list[str]) -> None:
                 "mse_nothing_given": alone,
                 "ratio": given / alone,
             }
-        emit(common.round_floats(record))
+
+    common.measure_trained_run("continuation", f.workdir, measure)
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", "runs/default", "A trained run (make train).")
-    flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir with synthetic_clips built.")
-    flags.DEFINE_string("source", "synthetic_clips", "Dataset whose validation clips are used.")
-    flags.DEFINE_integer("clips", 16, "Held-out clips.")
-    flags.DEFINE_integer("steps", 16, "Sampling steps.")
+    common.define_held_out_flags(clips=16, steps=16)
     app.run(main)

@@ -7,7 +7,13 @@ its aspect ratio at (jaxsora/evaluate.py), are noised to start time s and sample
 their own captions (SDEdit: `Request.strength`); s = 1 is plain text-to-video from the same
 prompts. The analyzer (jaxsora/prompt_accuracy.py) scores each result. Where the accuracy
 falls from the ground truth's to chance tells which part of the trajectory the model gets
-wrong: the layout (high noise) or the details (low noise). Prints one JSON line.
+wrong: the layout (high noise) or the details (low noise).
+
+Then the same edits with another shape named in each caption (circle -> triangle, square ->
+diamond, ...): `shape_of_caption` is how often the result shows the caption's shape,
+`shape_of_clip` how often the clip's. A model that reads the shape word moves the first up from
+0 as s grows; one that ignores it keeps the second where its own captions put it. Prints one
+JSON line.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from absl import app, flags
 from benchmarks import common
 
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
+SWAP_STRENGTHS = (0.6, 0.8, 1.0)
 
 
 def held_out_requests(config, data_dir: str, clips: int, source: str, stage):
@@ -45,11 +52,11 @@ def held_out_requests(config, data_dir: str, clips: int, source: str, stage):
     return requests, truths
 
 
-def accuracies(model, config, requests, truths, strength: float, steps: int, stage) -> dict:
-    """The analyzer's accuracies of the run's SDEdit from `strength` (1: from pure noise)."""
+def edited_clips(model, config, requests, truths, strength: float, steps: int, stage):
+    """uint8 clips: the run's SDEdit of `truths` from `strength` (1: from pure noise)."""
     import dataclasses
 
-    from jaxsora import conditioning, evaluate, prompt_accuracy, sample
+    from jaxsora import conditioning, sample
 
     if strength < 1.0:
         requests = [dataclasses.replace(r, strength=strength) for r in requests]
@@ -66,41 +73,69 @@ def accuracies(model, config, requests, truths, strength: float, steps: int, sta
         prompt_extension="identity",
         stage=stage,
     )
-    clips = [np.round(np.clip(c, 0.0, 1.0) * 255.0).astype(np.uint8) for c in clips]
+    return [np.round(np.clip(c, 0.0, 1.0) * 255.0).astype(np.uint8) for c in clips]
+
+
+def accuracies(model, config, requests, truths, strength: float, steps: int, stage) -> dict:
+    """The analyzer's accuracies of the SDEdit from `strength` against the requests' prompts."""
+    from jaxsora import evaluate, prompt_accuracy
+
+    clips = edited_clips(model, config, requests, truths, strength, steps, stage)
     return evaluate.summary(prompt_accuracy.score(clips, [r.prompt for r in requests]))
+
+
+def swap_shape(prompt: str) -> str:
+    """The prompt with its shape word replaced by the shape two places on in SHAPES."""
+    from data_pipelines.synthetic_clips.synthetic_clips import SHAPES
+
+    words = prompt.split()
+    i = next(k for k, w in enumerate(words) if w in SHAPES)
+    words[i] = SHAPES[(SHAPES.index(words[i]) + 2) % len(SHAPES)]
+    return " ".join(words)
+
+
+def swapped_shape_accuracies(model, config, requests, truths, strength, steps, stage) -> dict:
+    """Shape accuracy of the SDEdit with another shape in every caption, against that caption
+    (`shape_of_caption`) and against the clip's own (`shape_of_clip`)."""
+    import dataclasses
+
+    from jaxsora import prompt_accuracy
+
+    swapped = [dataclasses.replace(r, prompt=swap_shape(r.prompt)) for r in requests]
+    clips = edited_clips(model, config, swapped, truths, strength, steps, stage)
+    return {
+        f"shape_of_{name}": prompt_accuracy.score(clips, [r.prompt for r in rs])["shape_accuracy"]
+        for name, rs in (("caption", swapped), ("clip", requests))
+    }
 
 
 def main(argv: list[str]) -> None:
     del argv
     from jaxsora import evaluate, prompt_accuracy
     from jaxsora.compression import make_stage
-    from jaxsora.sample import load_run
 
     f = flags.FLAGS
-    with common.json_stdout() as emit:
-        record = {"benchmark": "shape_by_noise", "machine": common.machine_info()}
-        try:
-            model, config = load_run(f.workdir)
-        except FileNotFoundError as e:  # nothing trained yet: say so, as the others do
-            record["skipped"] = str(e)
-            emit(record)
-            return
+
+    def measure(model, config, record: dict) -> None:
         stage = make_stage(config.model)
         requests, truths = held_out_requests(config, f.data_dir, f.clips, f.source, stage)
         prompts = [r.prompt for r in requests]
-        record.update(workdir=f.workdir, source=f.source, clips=len(requests), steps=f.steps)
+        record.update(source=f.source, clips=len(requests), steps=f.steps)
         record["ground_truth"] = evaluate.summary(prompt_accuracy.score(truths, prompts))
         record["by_start_time"] = {
             str(s): accuracies(model, config, requests, truths, s, f.steps, stage)
             for s in STRENGTHS
         }
-        emit(common.round_floats(record))
+        record["shape_word_swapped"] = {
+            str(s): swapped_shape_accuracies(model, config, requests, truths, s, f.steps, stage)
+            for s in SWAP_STRENGTHS
+        }
+
+    common.measure_trained_run("shape_by_noise", f.workdir, measure)
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", "runs/default", "A trained run (make train).")
-    flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir with synthetic_clips built.")
-    flags.DEFINE_string("source", "synthetic_clips", "Dataset whose validation clips are used.")
-    flags.DEFINE_integer("clips", 40, "Held-out clips.")
-    flags.DEFINE_integer("steps", 32, "Sampling steps, all spent between s and 0 (flow.time_grid).")
+    common.define_held_out_flags(
+        40, 32, "Sampling steps, all spent between s and 0 (flow.time_grid)."
+    )
     app.run(main)
