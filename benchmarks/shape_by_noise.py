@@ -46,7 +46,7 @@ def held_out_requests(config, data_dir: str, clips: int, source: str, stage):
         g = np.gcd(h, w)
         caption = records[i]["caption"]
         prompt = caption.decode() if isinstance(caption, bytes) else str(caption)
-        req = evaluate._sized(prompt, n, (w // g, h // g), config, stage, f"h{i:03d}", i)
+        req = evaluate.sized_request(prompt, n, (w // g, h // g), config, stage, f"h{i:03d}", i)
         requests.append(req)
         truths.append(conditioning.resize_cover(frames[:n], req.height, req.width))
     return requests, truths
@@ -56,7 +56,7 @@ def edited_clips(model, config, requests, truths, strength: float, steps: int, s
     """uint8 clips: the run's SDEdit of `truths` from `strength` (1: from pure noise)."""
     import dataclasses
 
-    from jaxsora import conditioning, sample
+    from jaxsora import conditioning, evaluate, sample
 
     if strength < 1.0:
         requests = [dataclasses.replace(r, strength=strength) for r in requests]
@@ -73,7 +73,7 @@ def edited_clips(model, config, requests, truths, strength: float, steps: int, s
         prompt_extension="identity",
         stage=stage,
     )
-    return [np.round(np.clip(c, 0.0, 1.0) * 255.0).astype(np.uint8) for c in clips]
+    return evaluate.as_uint8(clips)
 
 
 def accuracies(model, config, requests, truths, strength: float, steps: int, stage) -> dict:

@@ -31,7 +31,9 @@ IMAGE_EVERY = 8  # every eighth prompt is a still, as ~10% of the synthetic clip
 DEFAULT_PROMPTS = 40
 
 
-def _sized(prompt: str, frames: int, aspect: tuple[int, int], config, stage, name: str, seed: int):
+def sized_request(
+    prompt: str, frames: int, aspect: tuple[int, int], config, stage, name: str, seed: int
+):
     """The request at `aspect` with the most pixels whose tokens fit data.max_tokens."""
     unit = config.model.patch[1] * stage.spatial_factor
     aw, ah = aspect
@@ -84,7 +86,7 @@ def prompt_set(
         prompt = f"{_a(color)} {color} {shape}{motion} on {_a(background)} {background} background"
         aspect = (1, 1) if still else ASPECTS[i % len(ASPECTS)]
         frames_i = 1 if still else frames
-        out.append(_sized(prompt, frames_i, aspect, config, stage, f"q{i:03d}", seed + i))
+        out.append(sized_request(prompt, frames_i, aspect, config, stage, f"q{i:03d}", seed + i))
     return out
 
 
@@ -116,9 +118,14 @@ def quality(model, config, n: int, steps: int | None = None, seed: int = 0, stag
         prompt_extension="identity",  # the prompts are already the training grammar
         stage=stage,
     )
-    clips = [np.round(np.clip(c, 0.0, 1.0) * 255.0).astype(np.uint8) for c in clips]
+    clips = as_uint8(clips)
     scores = prompt_accuracy.score(clips, [r.prompt for r in requests])
     return scores, requests, clips
+
+
+def as_uint8(clips: list[np.ndarray]) -> list[np.ndarray]:
+    """Sampled clips in [0, 1] as the uint8 pixels the analyzer reads (and files hold)."""
+    return [np.round(np.clip(c, 0.0, 1.0) * 255.0).astype(np.uint8) for c in clips]
 
 
 def summary(scores: dict) -> dict[str, float]:
