@@ -124,6 +124,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.flow.time_std = 1.0
     c.flow.base_tokens = 64  # resolution shift: sqrt(max(tokens, base) / base) per segment
     c.flow.loss_weighting = "segment"  # or "token"
+    # What the network outputs: "velocity", or "data" (x0, turned into the velocity it implies;
+    # the loss is on the velocity either way: jaxsora/diffusion/flow.py).
+    c.flow.prediction = "velocity"
     c.flow.caption_dropout = 0.1  # for classifier-free guidance
 
     # Validation (jaxsora/validation.py): every `every` steps, the loss at `timesteps` fixed

@@ -92,7 +92,7 @@ _MISSING = "<absent>"
 
 # Fields added to the configs after checkpoints were already written without them: a saved config
 # that lacks one was trained with this value (what the field's absence meant then).
-ADDED_FIELDS: dict[str, Any] = {"model.frame_positions": False}
+ADDED_FIELDS: dict[str, Any] = {"model.frame_positions": False, "flow.prediction": "velocity"}
 
 
 def changes(saved: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:

@@ -299,9 +299,12 @@ def _sample_latents(
     if start_BS is not None:  # SDEdit: the source noised to its start with the request's noise
         x = flow.add_noise(batch["clean"], x, flow.per_segment(start_BS, seg))
     three_pass = image_guidance != 1.0 and bool(batch["cond_mask"].any())
+    prediction = trainer.prediction(config)
 
     def velocity_fn(x_BLP, t_BS):
-        return guided_velocity(model, batch, x_BLP, t_BS, guidance, image_guidance, three_pass)
+        return guided_velocity(
+            model, batch, x_BLP, t_BS, guidance, image_guidance, three_pass, prediction
+        )
 
     x = flow.sample(
         velocity_fn,
@@ -314,6 +317,7 @@ def _sample_latents(
         clean_BLP=batch["clean"],
         cond_mask_BL=batch["cond_mask"],
         should_stop=should_stop,
+        final_correction=prediction == "velocity",
     )
     x, seg = np.asarray(x), np.asarray(seg)
     out: list[np.ndarray] = [None] * len(requests)  # type: ignore[list-item]
@@ -324,7 +328,14 @@ def _sample_latents(
 
 
 def guided_velocity(
-    model: DiT, batch: dict, x, t_BS, guidance, image_guidance=1.0, three_pass: bool = False
+    model: DiT,
+    batch: dict,
+    x,
+    t_BS,
+    guidance,
+    image_guidance=1.0,
+    three_pass: bool = False,
+    prediction: str = "velocity",
 ) -> jax.Array:
     """The guided velocity at x, t, every pass of the guidance in one batch.
 
@@ -333,16 +344,26 @@ def guided_velocity(
     (image guidance, InstructPix2Pix): passes (no text, no frames), (no text, frames), (text,
     frames) and v = v00 + image_guidance (v0F - v00) + guidance (vTF - v0F). "No frames" clears
     `cond_mask` and makes the conditioning tokens ordinary noisy tokens at t, (1 - t) clean +
-    t noise with the request's own noise.
+    t noise with the request's own noise. `prediction`: what the network outputs (the run's
+    flow.prediction), turned into each pass's velocity before the passes are combined.
     """
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # strong types: one compile whatever the caller
     return _guided_velocity(
-        model, batch, f32(x), f32(t_BS), f32(guidance), f32(image_guidance), bool(three_pass)
+        model,
+        batch,
+        f32(x),
+        f32(t_BS),
+        f32(guidance),
+        f32(image_guidance),
+        bool(three_pass),
+        prediction,
     )
 
 
-@nnx.jit(static_argnums=(6,))
-def _guided_velocity(model: DiT, batch: dict, x, t_BS, guidance, image_guidance, three_pass):
+@nnx.jit(static_argnums=(6, 7))
+def _guided_velocity(
+    model: DiT, batch: dict, x, t_BS, guidance, image_guidance, three_pass, prediction
+):
     """guided_velocity, compiled once per batch shape and pass count (the scales are traced)."""
     seg, pos, cond = batch["segment_ids"], batch["positions"], batch["cond_mask"]
     # The null caption is the all-False mask; the ids or embeddings under it are not read.
@@ -363,7 +384,9 @@ def _guided_velocity(model: DiT, batch: dict, x, t_BS, guidance, image_guidance,
         xs = rep(x)
         texts = (jnp.concatenate([ids, null_ids], 0), jnp.concatenate([mask, null_mask], 0))
         conds = rep(cond)
-    v = model(xs, rep(t_BS), rep(seg), rep(pos), *texts, conds)
+    out = model(xs, rep(t_BS), rep(seg), rep(pos), *texts, conds)
+    t_BL = rep(flow.per_segment(t_BS, seg))
+    v = flow.velocity_from_output(out, xs, t_BL, prediction, flow.SAMPLING_MIN_T)
     if not three_pass:
         v_text, v_null = jnp.split(v, 2, axis=0)
         return v_null + guidance * (v_text - v_null)

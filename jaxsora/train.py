@@ -133,6 +133,7 @@ DIT_CHECKS = (
     config_checks.number("flow.time_std", 0.0, open_low=True),
     config_checks.integer("flow.base_tokens", 1),
     config_checks.one_of("flow.loss_weighting", ("segment", "token")),
+    config_checks.one_of("flow.prediction", flow.PREDICTIONS, optional=True),
     config_checks.number("flow.caption_dropout", 0.0, 1.0),
     *config_checks.OPTIM_CHECKS,
     config_checks.integer("optim.accum_steps", 1, optional=True),
@@ -300,22 +301,28 @@ def loss_sums(model: DiT, batch: dict, draws: dict, config) -> dict[str, jax.Arr
     text_mask = jnp.where(
         draws["drop_BS"][..., None], null_text_mask(batch["text_mask"]), batch["text_mask"]
     )
-    return noised_loss_sums(model, batch, t_BS, draws["noise"], text_mask, f.loss_weighting)
+    return noised_loss_sums(
+        model, batch, t_BS, draws["noise"], text_mask, f.loss_weighting, prediction(config)
+    )
 
 
-def noised_loss_sums(model: DiT, batch: dict, t_BS, noise, text_mask, weighting: str) -> dict:
+def noised_loss_sums(
+    model: DiT, batch: dict, t_BS, noise, text_mask, weighting: str, prediction: str
+) -> dict:
     """The flow loss sums of `batch` with each segment noised to its t_BS by `noise`, read with
-    `text_mask`; conditioning tokens stay clean and unscored (training and validation)."""
+    `text_mask`; conditioning tokens stay clean and unscored (training and validation). The
+    network's output is `prediction` (flow.PREDICTIONS); the loss is on the velocity."""
     seg, S = batch["segment_ids"], batch["grid"].shape[1]
     x0 = batch["tokens"]
-    x_t = flow.add_noise(x0, noise, flow.per_segment(t_BS, seg))
+    t_BL = flow.per_segment(t_BS, seg)
+    x_t = flow.add_noise(x0, noise, t_BL)
     x_t = jnp.where(batch["cond_mask"][..., None], x0, x_t)
-    pred = model(
+    out = model(
         x_t, t_BS, seg, batch["positions"], caption_input(batch), text_mask, batch["cond_mask"]
     )
-    return flow.packed_loss_sums(
-        pred, flow.velocity(x0, noise), seg, batch["cond_mask"], S, weighting
-    )
+    pred = flow.velocity_from_output(out, x_t, t_BL, prediction)
+    target = flow.loss_target(x0, noise, x_t, t_BL, prediction)
+    return flow.packed_loss_sums(pred, target, seg, batch["cond_mask"], S, weighting)
 
 
 def loss_and_metrics(model: DiT, batch: dict, key: jax.Array, config) -> tuple[jax.Array, dict]:
@@ -323,6 +330,11 @@ def loss_and_metrics(model: DiT, batch: dict, key: jax.Array, config) -> tuple[j
     sums = loss_sums(model, batch, draw_randomness(key, batch, config), config)
     loss = flow.loss_from_sums(sums)
     return loss, {"loss": loss, "segments": sums["segments"]}
+
+
+def prediction(config) -> str:
+    """What the run's network outputs (flow.PREDICTIONS); runs from before the choice, velocity."""
+    return config.flow.get("prediction", "velocity")
 
 
 def caption_input(batch: dict) -> jax.Array:

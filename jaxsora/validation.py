@@ -105,8 +105,13 @@ class Validator:
         self.times = times(ev.timesteps)
         self._batch = pipeline.to_global(batch, mesh, rules)
         self._mesh, self._rules = mesh, rules
+        from jaxsora import train as trainer  # late: the trainer imports this module
+
+        prediction = trainer.prediction(config)
         self._fn = jax.jit(
-            lambda state, batch, t: validation_sums(nnx.merge(graphdef, state).model, batch, t)
+            lambda state, batch, t: validation_sums(
+                nnx.merge(graphdef, state).model, batch, t, prediction
+            )
         )
 
     def __call__(self, state) -> dict[str, float]:
@@ -122,12 +127,13 @@ class Validator:
         return out
 
 
-def validation_sums(model, batch: dict, t) -> dict[str, jax.Array]:
+def validation_sums(model, batch: dict, t, prediction: str) -> dict[str, jax.Array]:
     """The flow loss sums of `batch` with every segment at time `t` and the batch's noise; the
-    captions as given (no dropout), segment-weighted whatever the run's weighting."""
+    captions as given (no dropout), segment-weighted whatever the run's weighting, on the
+    velocity whatever the network predicts (`prediction`)."""
     from jaxsora import train as trainer  # late: the trainer imports this module
 
     t_BS = jnp.full(batch["grid"].shape[:2], t, jnp.float32)
     return trainer.noised_loss_sums(
-        model, batch, t_BS, batch["noise"], batch["text_mask"], "segment"
+        model, batch, t_BS, batch["noise"], batch["text_mask"], "segment", prediction
     )

@@ -331,12 +331,19 @@ def test_a_field_that_defines_the_weights_is_refused_even_with_the_flag(saved_co
 
 def test_a_checkpoint_from_before_a_new_model_field_reads_as_its_old_meaning(saved_config):
     """model.frame_positions did not exist before 2026-12-02: a config saved without it was
-    trained without fractional positions, so it resumes under False and is refused under True."""
+    trained without fractional positions, so it resumes under False and is refused under True;
+    likewise flow.prediction (velocity before it existed)."""
     old = json.loads(json.dumps(saved_config))
     del old["model"]["frame_positions"]
     check_resume(old, changed(saved_config, "model.frame_positions", False), WHERE)
     with pytest.raises(CheckpointMismatchError, match="model.frame_positions=False but the"):
         check_resume(old, changed(saved_config, "model.frame_positions", True), WHERE)
+    # flow.prediction (2026-12-03): absent meant velocity; data is another objective.
+    old = json.loads(json.dumps(saved_config))
+    del old["flow"]["prediction"]
+    check_resume(old, changed(saved_config, "flow.prediction", "velocity"), WHERE)
+    with pytest.raises(CheckpointMismatchError, match="flow.prediction='velocity' -> 'data'"):
+        check_resume(old, changed(saved_config, "flow.prediction", "data"), WHERE)
 
 
 def test_scan_layers_is_refused_as_another_parameter_tree(saved_config):

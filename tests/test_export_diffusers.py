@@ -199,6 +199,8 @@ def test_models_diffusers_cannot_hold_are_refused(data_dir):
     config.model.time_freq_shift = 0  # the DiT paper's own frequencies
     why = " ".join(diffusers_dit.unsupported(trainer.dit_config(config), (1, P, P)))
     assert "time_freq_shift=0" in why and "half - 1" in why
+    why = " ".join(diffusers_dit.unsupported(trainer.dit_config(config), (1, P, P), "data"))
+    assert "flow.prediction='data'" in why and "x0" in why
     with pytest.raises(ValueError, match="not an original-DiT model"):
         diffusers_dit.state_dict(make_model(trainer.dit_config(config), 0), C)
 

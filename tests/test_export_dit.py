@@ -279,14 +279,20 @@ def _sample_pack(config, requests, patch_dim):
     return order, _pack(cfg, [examples[i] for i in order], seq_len, config.data.max_segments)
 
 
-def test_torch_sampler_matches_jax(run8, tmp_path):
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+def test_torch_sampler_matches_jax(run8, tmp_path, prediction):
     """Euler with text guidance against generate_latents (the CLI's sampler), then Heun with
-    three-pass image guidance and clamped conditioning tokens against flow.sample."""
+    three-pass image guidance and clamped conditioning tokens against flow.sample; for a
+    network of either output (flow.prediction)."""
     config = _config()
+    config.flow.prediction = prediction
     cfg = trainer.dit_config(config)
     jax_model = _perturbed(cfg)
     torch_model = _torch_model(jax_model)
-    export_cfg = {"flow": {"base_tokens": config.flow.base_tokens}, "sample": {"guidance": 3.0}}
+    export_cfg = {
+        "flow": {"base_tokens": config.flow.base_tokens, "prediction": prediction},
+        "sample": {"guidance": 3.0},
+    }
     requests = _requests()
     want = sampler.generate_latents(jax_model, config, requests, steps=3, guidance=3.0)
     order, batch = _sample_pack(config, requests, cfg.patch_dim)
@@ -305,7 +311,7 @@ def test_torch_sampler_matches_jax(run8, tmp_path):
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
     jb.update(noise=jb.pop("tokens"), clean=jnp.asarray(clean), cond_mask=jnp.asarray(cond))
     want = flow.sample(
-        lambda x, t: sampler.guided_velocity(jax_model, jb, x, t, 3.0, 1.5, True),
+        lambda x, t: sampler.guided_velocity(jax_model, jb, x, t, 3.0, 1.5, True, prediction),
         jb["noise"],
         jb["segment_ids"],
         flow.resolution_shift(jb["grid"], config.flow.base_tokens),
@@ -313,6 +319,7 @@ def test_torch_sampler_matches_jax(run8, tmp_path):
         solver="heun",
         clean_BLP=jb["clean"],
         cond_mask_BL=jb["cond_mask"],
+        final_correction=prediction == "velocity",
     )
     got = torch_sample(
         torch_model, export_cfg, batch["tokens"], batch["segment_ids"], batch["positions"],

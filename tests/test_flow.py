@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxsora.diffusion import flow
 
@@ -64,14 +65,18 @@ def test_loss_is_averaged_per_segment_and_skips_padding_and_conditioning():
     np.testing.assert_allclose(token_loss, (7 * 1.0 + 2 * 9.0) / 9)
 
 
+def gaussian_posterior(mu, sigma, x, t):
+    """E[x0 | x_t] and E[noise | x_t] for x0 ~ N(mu, sigma^2)."""
+    var = (1 - t) ** 2 * sigma**2 + t**2
+    resid = x - (1 - t) * mu
+    return mu + (1 - t) * sigma**2 / var * resid, t / var * resid
+
+
 def gaussian_velocity(mu, sigma):
     """The exact rectified-flow velocity E[noise - x0 | x_t] for x0 ~ N(mu, sigma^2)."""
 
     def v(x, t):
-        var = (1 - t) ** 2 * sigma**2 + t**2
-        resid = x - (1 - t) * mu
-        e_x0 = mu + (1 - t) * sigma**2 / var * resid
-        e_noise = t / var * resid
+        e_x0, e_noise = gaussian_posterior(mu, sigma, x, t)
         return e_noise - e_x0
 
     return v
@@ -99,6 +104,70 @@ def test_euler_sampler_turns_noise_into_the_gaussian_target_with_per_segment_sch
         xs = np.asarray(x[seg == s])
         assert abs(xs.mean() - mu) < 0.02, xs.mean()
         assert abs(xs.std() - sigma) < 0.02, xs.std()
+
+
+def test_data_prediction_stands_for_the_velocity_it_implies():
+    """A network that outputs E[x0 | x_t] (flow.prediction = "data") stands for the velocity
+    E[noise - x0 | x_t]: through velocity_from_output the Gaussian's exact x0 predictor gives its
+    exact velocity at every t from the training clamp up, and below it the loss still asks for
+    x0 (a perfect predictor scores 0 at any t). "velocity" passes the output through."""
+    mu, sigma = 2.0, 0.5
+    L, P = 512, 4
+    x0 = mu + sigma * jax.random.normal(jax.random.key(4), (1, L, P))
+    noise = jax.random.normal(jax.random.key(5), (1, L, P))
+    for t in (0.01, flow.DATA_PREDICTION_MIN_T, 0.3, 0.7, 1.0):
+        t_BL = jnp.full((1, L), t)
+        x = flow.add_noise(x0, noise, t_BL)
+        e_x0, _ = gaussian_posterior(mu, sigma, x, t)
+        v = flow.velocity_from_output(e_x0, x, t_BL, "data")
+        if t >= flow.DATA_PREDICTION_MIN_T:
+            want = gaussian_velocity(mu, sigma)(x, t)
+            np.testing.assert_allclose(v, want, rtol=1e-4, atol=1e-4)
+            target = flow.loss_target(x0, noise, x, t_BL, "data")
+            np.testing.assert_allclose(target, flow.velocity(x0, noise), rtol=1e-4, atol=1e-4)
+        perfect = flow.velocity_from_output(x0, x, t_BL, "data")
+        np.testing.assert_array_equal(perfect, flow.loss_target(x0, noise, x, t_BL, "data"))
+        assert flow.velocity_from_output(e_x0, x, t_BL, "velocity") is e_x0
+        assert flow.loss_target(x0, noise, x, t_BL, "velocity") is not None
+    v0 = flow.velocity_from_output(x0, 2 * x0, jnp.zeros((1, L)), "data")
+    np.testing.assert_allclose(v0, x0 / flow.DATA_PREDICTION_MIN_T, rtol=1e-6)
+    with pytest.raises(ValueError, match="flow.prediction 'eps'"):
+        flow.velocity_from_output(x0, x0, jnp.ones((1, L)), "eps")
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_a_data_predictor_samples_the_target_and_lands_on_its_prediction(solver):
+    """The Gaussian's exact x0 predictor, read as the sampler reads it (divisor t), reaches the
+    target distribution; Euler's last step lands exactly on the prediction, and Heun needs its
+    last step to be Euler (final_correction=False): the velocity at t = 0 is (x - x0) / 0."""
+    mu, sigma = 2.0, 0.5
+    L, P = 4000, 4
+    seg = two_segments(L)
+
+    def x0_velocity_fn(x, t_BS):
+        t_BL = flow.per_segment(t_BS, seg)
+        e_x0, _ = gaussian_posterior(mu, sigma, x, t_BL[..., None])
+        return flow.velocity_from_output(e_x0, x, t_BL, "data", flow.SAMPLING_MIN_T)
+
+    shift = jnp.array([[1.0, 3.0]])
+    noise = jax.random.normal(jax.random.key(2), (1, L, P))
+    steps = 100 if solver == "euler" else 50
+    kw = dict(solver=solver, final_correction=False)
+    out = flow.sample(jax.jit(x0_velocity_fn), noise, seg, shift, steps, **kw)
+    for s in (1, 2):
+        xs = np.asarray(out[seg == s])
+        assert abs(xs.mean() - mu) < 0.02 and abs(xs.std() - sigma) < 0.02, (xs.mean(), xs.std())
+    if solver == "heun":  # with the correction into t = 0 the last step goes half way
+        bad = flow.sample(jax.jit(x0_velocity_fn), noise, seg, shift, steps, solver=solver)
+        exact = mu + sigma * noise  # the Gaussian's exact flow map
+        err, bad_err = (float(jnp.abs(a - exact).max()) for a in (out, bad))
+        assert bad_err > 3 * err, (bad_err, err)
+    else:  # one step from t to 0 returns the x0 prediction exactly
+        t_BS = jnp.array([[0.3, 0.6]])
+        x = flow.add_noise(mu, noise, flow.per_segment(t_BS, seg))
+        one = flow.solver_step(jax.jit(x0_velocity_fn), x, t_BS, jnp.zeros((1, 2)), seg)
+        e_x0, _ = gaussian_posterior(mu, sigma, x, flow.per_segment(t_BS, seg)[..., None])
+        np.testing.assert_allclose(one, e_x0, rtol=1e-5, atol=1e-5)
 
 
 def test_heun_reaches_the_gaussian_target_in_fewer_steps_and_evaluations_than_euler():

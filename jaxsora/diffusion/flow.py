@@ -45,6 +45,47 @@ def velocity(x0: jax.Array, noise: jax.Array) -> jax.Array:
     return noise - x0
 
 
+# What the network's output is: the velocity itself, or the clean data x0 (JiT, "Back to Basics:
+# Let Denoising Generative Models Denoise", 2025), turned into the velocity it implies. A small
+# pixel-space model cannot carry every pixel's noise through its width to predict v, and the noise
+# it drops comes out of the sampler as speckles (README, Evaluation); clean frames are simple.
+PREDICTIONS = ("velocity", "data")
+# In training x0 -> v divides by max(t, this) (JiT's t_eps): near the data end 1 / t would give
+# the few samples there unbounded weight. The network is still asked for x0 there (loss_target).
+DATA_PREDICTION_MIN_T = 0.05
+# In sampling it divides by t itself, so that Euler's last step lands on the prediction exactly;
+# this floor only keeps an evaluation at t = 0 finite (the samplers never make one for x0).
+SAMPLING_MIN_T = 1e-6
+
+
+def velocity_from_output(
+    out_BLP: jax.Array,
+    x_BLP: jax.Array,
+    t_BL: jax.Array,
+    prediction: str,
+    min_t: float = DATA_PREDICTION_MIN_T,
+) -> jax.Array:
+    """The velocity the network's output stands for at x_t = `x_BLP`, t = `t_BL` (per token):
+    the output itself, or for data prediction v = (x_t - x0) / max(t, min_t). The loss stays on
+    v either way, so the two are scored (and validated) alike."""
+    if prediction == "velocity":
+        return out_BLP
+    if prediction == "data":
+        t = jnp.maximum(t_BL, min_t)[..., None].astype(out_BLP.dtype)
+        return (x_BLP - out_BLP) / t
+    raise ValueError(f"flow.prediction {prediction!r} is not one of {PREDICTIONS}")
+
+
+def loss_target(x0, noise, x_BLP, t_BL, prediction: str) -> jax.Array:
+    """What `velocity_from_output(network output)` is scored against: noise - x0, or for data
+    prediction the velocity x0 itself stands for under the same divisor. The two are equal from
+    DATA_PREDICTION_MIN_T up; below it this keeps the network's target x0 (JiT), where noise - x0
+    would ask it for an extrapolation past the data that the sampler does not expect."""
+    if prediction == "data":
+        return velocity_from_output(x0, x_BLP, t_BL, prediction)
+    return velocity(x0, noise)
+
+
 def per_segment(values_BS: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
     """Gathers a per-segment value [B, S, ...] to tokens [B, L, ...] (padding gets segment 1's)."""
     idx = jnp.maximum(segment_ids_BL - 1, 0)
@@ -215,6 +256,7 @@ def sample(
     clean_BLP: jax.Array | None = None,
     cond_mask_BL: jax.Array | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    final_correction: bool = True,
 ) -> jax.Array:
     """Integrates dx/dt = v(x, t) from each segment's start (1 by default) to t=0, each segment
     on its own shifted schedule (`time_grid`). The one sampling loop: sample.py and the tests
@@ -224,6 +266,8 @@ def sample(
     their start. `velocity_fn(x_BLP, t_BS)` is the (guided) model, jitted by the caller; the loop
     runs on the host, step by step, so `should_stop(step)` is polled before every step (a
     preemption notice) and True abandons the batch with SamplingInterrupted.
+    `final_correction=False` makes Heun's last step, into t = 0, an Euler step (EDM's and JiT's
+    rule): a data-predicting network's velocity at t = 0 is (x - x0) / 0.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r} is not one of {SOLVERS}")
@@ -232,7 +276,9 @@ def sample(
     for i in range(num_steps):
         if should_stop is not None and should_stop(i):
             raise SamplingInterrupted(f"stopped before {solver} step {i + 1} of {num_steps}")
+        last = i == num_steps - 1
+        step_solver = "euler" if last and not final_correction else solver
         x = solver_step(
-            velocity_fn, x, ts[i], ts[i + 1], segment_ids_BL, solver, clean_BLP, cond_mask_BL
+            velocity_fn, x, ts[i], ts[i + 1], segment_ids_BL, step_solver, clean_BLP, cond_mask_BL
         )
     return _clamp(x, clean_BLP, cond_mask_BL)

@@ -159,9 +159,12 @@ def _patch_size(cfg, channels: int) -> int:
     return p
 
 
-def unsupported(cfg, patch) -> list[str]:
-    """Why the DiT `cfg` (patch (p_t, p_h, p_w)) is not a DiTTransformer2DModel: [] when it is."""
+def unsupported(cfg, patch, prediction: str = "velocity") -> list[str]:
+    """Why the DiT `cfg` (patch (p_t, p_h, p_w)), trained with `flow.prediction`, is not a
+    DiTTransformer2DModel: [] when it is."""
     why = []
+    if prediction != "velocity":  # diffusers' pipelines read the output as the velocity
+        why.append(f"flow.prediction={prediction!r} (the output is x0, not the velocity)")
     if not cfg.num_classes:
         why.append("it is caption-conditioned (text.encoder='class' gives class labels)")
     if cfg.positions != "sincos":
@@ -218,7 +221,7 @@ def layout(sample_size: int | None = None) -> Layout:
 
     def check(saved, cfg):
         patch, _ = channels_of(saved, cfg)
-        why = unsupported(cfg, patch)
+        why = unsupported(cfg, patch, (saved.get("flow") or {}).get("prediction", "velocity"))
         if why:
             raise ValueError(
                 "this run's DiT is not the original-DiT configuration diffusers' "

@@ -176,7 +176,10 @@ def export_config(saved: Mapping, cfg, *, workdir: str, step: int, use_ema: bool
             "seq_len": int(d["seq_len"]),
             **({"vae_dir": m["vae_dir"]} if m.get("vae_dir") else {}),
         },
-        "flow": {"base_tokens": saved["flow"]["base_tokens"]},
+        "flow": {
+            "base_tokens": saved["flow"]["base_tokens"],
+            "prediction": saved["flow"].get("prediction", "velocity"),
+        },
         "sample": {
             "steps": int(s["steps"]),
             "guidance": float(s["guidance"]),

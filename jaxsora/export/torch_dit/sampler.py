@@ -1,8 +1,10 @@
 """The rectified-flow sampler of jaxsora (jaxsora.diffusion.flow.sample with
 jaxsora.sample.guided_velocity) in PyTorch, for packs of several requests at once.
 
-t = 1 is noise, t = 0 data; the model predicts v = noise - x0. Every segment follows its own
-resolution-shifted schedule (sqrt(max(n, base_tokens) / base_tokens) for n tokens), tokens in
+t = 1 is noise, t = 0 data; the model predicts v = noise - x0, or with config.json's
+`flow.prediction` = "data" the clean data x0, turned into v = (x_t - x0) / t (Heun's last step,
+into t = 0, is then Euler). Every segment follows its own resolution-shifted schedule
+(sqrt(max(n, base_tokens) / base_tokens) for n tokens), tokens in
 `cond_mask` are held at `clean` before every model evaluation and in every result, and guidance
 runs all its passes as one batch: two passes (text / null caption) or, with image_guidance != 1
 and some conditioning tokens, three (InstructPix2Pix: no text no frames, no text, both).
@@ -50,6 +52,20 @@ def add_noise(x0, noise, t_tok):
     return (1.0 - t) * x0 + t * noise
 
 
+PREDICTIONS = ("velocity", "data")  # jaxsora.diffusion.flow.PREDICTIONS
+SAMPLING_MIN_T = 1e-6  # only keeps an evaluation at t = 0 finite; none is made for x0
+
+
+def velocity_from_output(out_BLP, x_BLP, t_BL, prediction: str) -> torch.Tensor:
+    """The velocity the network's output stands for, as jaxsora's sampler reads it
+    (jaxsora.diffusion.flow.velocity_from_output with min_t = SAMPLING_MIN_T)."""
+    if prediction == "velocity":
+        return out_BLP
+    if prediction == "data":
+        return (x_BLP - out_BLP) / t_BL.clamp_min(SAMPLING_MIN_T)[..., None]
+    raise ValueError(f"flow.prediction {prediction!r} is not one of {PREDICTIONS}")
+
+
 def clamp(x_BLP, clean_BLP, cond_mask_BL):
     return torch.where(cond_mask_BL[..., None], clean_BLP, x_BLP)
 
@@ -67,10 +83,12 @@ def guided_velocity(
     image_guidance: float = 1.0,
     clean_BLP=None,
     noise_BLP=None,
+    prediction: str = "velocity",
 ) -> torch.Tensor:
     """v = v_null + guidance (v_text - v_null), both passes in one batch; with image guidance
     (three passes) v = v00 + image_guidance (v0F - v00) + guidance (vTF - v0F), where "no
-    frames" clears `cond_mask` and sees the conditioning tokens as (1 - t) clean + t noise."""
+    frames" clears `cond_mask` and sees the conditioning tokens as (1 - t) clean + t noise.
+    `prediction`: what the network outputs (config.json's flow.prediction)."""
     null_mask = torch.zeros_like(text_mask_BSLt)  # the null caption; the ids under it are unread
     three_pass = image_guidance != 1.0 and bool(cond_mask_BL.any())
     n = 3 if three_pass else 2
@@ -82,7 +100,11 @@ def guided_velocity(
         conds = torch.cat([torch.zeros_like(cond_mask_BL), cond_mask_BL, cond_mask_BL], 0)
     else:
         xs, masks, conds = rep(x_BLP), torch.cat([text_mask_BSLt, null_mask], 0), rep(cond_mask_BL)
-    v = model(xs, rep(t_BS), rep(segment_ids_BL), rep(positions_BL3), rep(text_BSLt), masks, conds)
+    out = model(
+        xs, rep(t_BS), rep(segment_ids_BL), rep(positions_BL3), rep(text_BSLt), masks, conds
+    )
+    t_BL = per_segment(t_BS[..., None], segment_ids_BL)[..., 0]
+    v = velocity_from_output(out, xs, rep(t_BL), prediction)
     if not three_pass:
         v_text, v_null = v.chunk(2, dim=0)
         return v_null + guidance * (v_text - v_null)
@@ -147,9 +169,23 @@ def sample(
     if start is not None:  # SDEdit: the source noised to its start with the request's noise
         x = add_noise(clean, noise, per_segment(start[..., None], seg)[..., 0])
 
+    prediction = config["flow"].get("prediction", "velocity")
+
     def velocity(x, t_BS):
         return guided_velocity(
-            model, x, t_BS, seg, pos, text, text_mask, cond, guidance, image_guidance, clean, noise
+            model,
+            x,
+            t_BS,
+            seg,
+            pos,
+            text,
+            text_mask,
+            cond,
+            guidance,
+            image_guidance,
+            clean,
+            noise,
+            prediction,
         )
 
     def update(x, v, t, t_next):
@@ -161,7 +197,7 @@ def sample(
         x = clamp(x, clean, cond)
         v1 = velocity(x, t)
         x_euler = update(x, v1, t, t_next)
-        if solver == "euler":
+        if solver == "euler" or (i == steps - 1 and prediction != "velocity"):
             x = x_euler
         else:
             x = update(x, 0.5 * (v1 + velocity(x_euler, t_next)), t, t_next)
