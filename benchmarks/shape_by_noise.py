@@ -137,28 +137,23 @@ def word_loss_gain(model, config, data_dir: str, source: str, stage) -> dict:
 
     from data_pipelines.synthetic_clips.synthetic_clips import COLORS, SHAPES
     from jaxsora import train as trainer
-    from jaxsora.data import pipeline
+    from jaxsora import validation
+    from jaxsora.diffusion import flow
     from jaxsora.models.tokenizer import tokenize
 
     if config.text.get("encoder", "hashed") != "hashed":
         return {"skipped": f"text.encoder={config.text.encoder!r}: no caption ids to swap"}
-    held = ml_collections.ConfigDict(config.to_dict())
-    held.seed, held.batch_size = 0, GAIN_PACKS
-    held.data.tasks, held.data.token_drop_rate = dict(t2v=1.0), 0.0
-    held.data.data_dir, held.data.sources = data_dir, [dict(name=source, weight=1.0)]
-    batch = {
-        k: jnp.asarray(v) for k, v in next(pipeline.make_batches(held, stage, "validation")).items()
-    }
-    noise = jax.random.normal(jax.random.key(0), batch["tokens"].shape, jnp.float32)
+    data = ml_collections.ConfigDict(config.to_dict())
+    data.data.data_dir, data.data.sources = data_dir, [dict(name=source, weight=1.0)]
+    batch = validation.held_out_batch(data, stage, "validation", GAIN_PACKS, 0)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    batch["noise"] = jax.random.normal(jax.random.key(0), batch["tokens"].shape, jnp.float32)
+    prediction = trainer.prediction(config)
 
     @jax.jit
     def loss(text_ids, t):
-        b = {**batch, "text_ids": text_ids}
-        t_BS = jnp.full(b["grid"].shape[:2], t, jnp.float32)
-        sums = trainer.noised_loss_sums(
-            model, b, t_BS, noise, b["text_mask"], "segment", trainer.prediction(config)
-        )
-        return sums["total"] / jnp.maximum(sums["count"], 1.0)
+        sums = validation.validation_sums(model, {**batch, "text_ids": text_ids}, t, prediction)
+        return flow.loss_from_sums(sums)
 
     def word(w: str) -> int:
         return int(tokenize(w, 2, config.model.text_vocab)[0][1])

@@ -85,6 +85,19 @@ def times(k: int) -> np.ndarray:
     return ((np.arange(k) + 0.5) / k).astype(np.float32)
 
 
+def held_out_batch(config, stage, split: str, packs: int, seed: int) -> dict[str, np.ndarray]:
+    """The first `packs` packs of `split` built with `seed`, text-to-video only and no token
+    dropping: the same examples for every run on this data, whatever its own seed or task mix."""
+    from jaxsora.data import pipeline
+
+    held_out = ml_collections.ConfigDict(config.to_dict())
+    held_out.seed = seed
+    held_out.batch_size = packs
+    held_out.data.tasks = dict(t2v=1.0)
+    held_out.data.token_drop_rate = 0.0
+    return next(pipeline.make_batches(held_out, stage, split=split))
+
+
 class Validator:
     """The held-out packs, their noise, and one compiled forward pass for the loss sums."""
 
@@ -92,13 +105,7 @@ class Validator:
         from jaxsora.data import pipeline
 
         ev = config.eval
-        held_out = ml_collections.ConfigDict(config.to_dict())
-        held_out.seed = ev.seed
-        held_out.batch_size = ev.packs
-        held_out.data.tasks = dict(t2v=1.0)
-        held_out.data.token_drop_rate = 0.0
-        source = pipeline.make_batches(held_out, stage, split=ev.split)
-        batch = next(source)
+        batch = held_out_batch(config, stage, ev.split, ev.packs, ev.seed)
         # The same noise for every run: drawn from the eval seed, per process shard.
         rng = np.random.default_rng([ev.seed, jax.process_index()])
         batch["noise"] = rng.standard_normal(batch["tokens"].shape).astype(np.float32)
