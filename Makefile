@@ -79,6 +79,7 @@ bench: data
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.input_pipeline --data_dir $(DATA_DIR)
 	$(PY) -m benchmarks.torch_peer
+	$(PY) -m benchmarks.matmul_kernels
 	$(PY) -m benchmarks.attention_scaling --plot runs/attention_scaling.png
 	$(PY) -m benchmarks.sharded_step
 	$(PY) -m benchmarks.vae_reconstruction --vae_dir $(VAE_WORKDIR)/vae --data_dir $(DATA_DIR)
