@@ -71,16 +71,27 @@ def json_stdout() -> Iterator[Callable[[dict], None]]:
             print(line, flush=True)
 
 
-def cpu_model() -> str:
-    """`platform.processor()` is empty on most Linux builds; /proc/cpuinfo has the name."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name: value` line of /proc/cpuinfo (None off Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """`platform.processor()` is empty on most Linux builds; /proc/cpuinfo has the name."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags(wanted: tuple[str, ...]) -> list[str]:
+    """Which of the `wanted` instruction-set extensions (e.g. amx_bf16) this CPU lists."""
+    have = set((_cpuinfo_field("flags") or "").split())
+    return [w for w in wanted if w in have]
 
 
 def load_average() -> list[float] | None:

@@ -26,20 +26,6 @@ TOKENS, WIDTH, HIDDEN = 2048, 128, 512  # the default config's B * L, model.widt
 SQUARE = 2048
 
 
-def cpu_flags() -> list[str]:
-    """The matrix extensions /proc/cpuinfo lists (what PyTorch's oneDNN can use)."""
-    wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
-
-
 def cases(jax, jnp, torch):
     """{name: (FLOPs, JAX call, torch call or None)}; every call blocks until done."""
     contract = lambda lhs_dim, rhs_dim: (((lhs_dim,), (rhs_dim,)), ((), ()))  # noqa: E731
@@ -104,7 +90,8 @@ def main(argv: list[str]) -> None:
 
     with common.json_stdout() as emit:
         gflops = {}
-        for name, (flop, run_jax, run_torch) in cases(jax, jnp, torch).items():
+        matmuls = cases(jax, jnp, torch)
+        for name, (flop, run_jax, run_torch) in matmuls.items():
             calls = {"jax": run_jax, **({"torch": run_torch} if run_torch else {})}
             for call in calls.values():
                 for _ in range(FLAGS.warmup):
@@ -120,20 +107,13 @@ def main(argv: list[str]) -> None:
         record = {
             "benchmark": "matmul_kernels",
             "gflops": gflops,
-            "cpu_flags": cpu_flags(),
+            "cpu_flags": common.cpu_flags(("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "machine": common.machine_info(),
         }
         if torch is not None:
             record["jax_over_torch"] = {
-                name: round(gflops[f"jax_{name}"] / gflops[f"torch_{name}"], 2)
-                for name in (
-                    "mlp_forward_float32",
-                    "mlp_input_grad_float32",
-                    "mlp_weight_grad_float32",
-                    "square_float32",
-                    "square_bfloat16",
-                )
+                name: round(gflops[f"jax_{name}"] / gflops[f"torch_{name}"], 2) for name in matmuls
             }
         emit(record)
 
