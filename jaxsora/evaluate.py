@@ -3,12 +3,14 @@ clips show (jaxsora/prompt_accuracy.py: background colour, object colour, shape,
 
     python -m jaxsora.evaluate --workdir runs/default [--prompts 40] [--steps 32]
 
-writes `<workdir>/eval/quality_step<N>.json` (the accuracies, the score and every clip's
-reading) and `quality_step<N>.npz` (the generated clips, uint8, for `jaxsora.scaling samples`)
-and prints the accuracies as one JSON line. The prompts are the synthetic world's grammar drawn
-from `--seed` (every shape equally often, every eighth prompt an image), sized to the run's own
-token budget (`data.max_tokens`, `data.max_frames`, its patch and compression stage), so any two
-runs on the synthetic clips are scored on the same questions. Training runs the same evaluation
+writes `<workdir>/eval/quality_step<N>.json` (the accuracies, the score, the coherence and
+confusion diagnostics, and every clip's reading), `quality_step<N>.npz` (the generated clips,
+uint8, for `jaxsora.scaling samples`) and `quality_step<N>.png` (a contact sheet: a row per
+clip, its frames left to right, to look at) and prints the accuracies as one JSON line. The
+prompts are the synthetic world's grammar drawn from `--seed` (every shape equally often, every
+eighth prompt an image), sized to the run's own token budget (`data.max_tokens`,
+`data.max_frames`, its patch and compression stage), so any two runs on the synthetic clips are
+scored on the same questions. Training runs the same evaluation
 every `eval.quality_every` steps (and at the last step) and logs `quality_*` beside
 `val_loss`.
 """
@@ -21,6 +23,7 @@ import os
 import jax
 import numpy as np
 from absl import app, flags, logging
+from PIL import Image
 
 from jaxsora import prompt_accuracy, training
 from jaxsora.compression import Stage, make_stage
@@ -129,16 +132,52 @@ def as_uint8(clips: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def summary(scores: dict) -> dict[str, float]:
-    """The metrics-row form: quality_score, quality_all_correct, quality_<attribute>."""
+    """The metrics-row form: quality_score, quality_all_correct, quality_<attribute>, and
+    quality_coherence (prompt_accuracy.object_share, not part of the score)."""
     out = {"quality_score": scores["score"], "quality_all_correct": scores["all_correct"]}
+    if "coherence" in scores:
+        out["quality_coherence"] = scores["coherence"]
     for a in prompt_accuracy.ATTRIBUTES:
         if f"{a}_accuracy" in scores:
             out[f"quality_{a}"] = scores[f"{a}_accuracy"]
     return out
 
 
+SHEET_SCALE = 4  # pixels of the contact sheet per pixel of a clip
+SHEET_GAP = 2  # grey pixels between frames and between rows
+
+
+def contact_sheet(clips: list[np.ndarray], columns: int = 2) -> np.ndarray:
+    """uint8 [H, W, 3]: the clips (uint8 [T, h, w, 3]) as rows of frames, left to right, in
+    `columns` columns of rows (clip i in column i // ceil(n / columns)), on grey, each pixel
+    a SHEET_SCALE square."""
+    if not clips:
+        raise ValueError("no clips for a contact sheet")
+    g = SHEET_GAP
+    rows = []
+    for clip in clips:
+        t, h, w, _ = clip.shape
+        row = np.full((h + g, t * (w + g), 3), 128, np.uint8)
+        for i, frame in enumerate(clip):
+            row[:h, i * (w + g) : i * (w + g) + w] = frame
+        rows.append(row)
+    per_column = -(-len(rows) // columns)
+    blocks = [rows[k : k + per_column] for k in range(0, len(rows), per_column)]
+    height = max(sum(r.shape[0] for r in b) for b in blocks)
+    widths = [max(r.shape[1] for r in b) for b in blocks]
+    sheet = np.full((height + g, sum(widths) + g, 3), 128, np.uint8)  # rows end in their gap
+    x = g
+    for block, width in zip(blocks, widths, strict=True):
+        y = g
+        for r in block:
+            sheet[y : y + r.shape[0], x : x + r.shape[1]] = r
+            y += r.shape[0]
+        x += width
+    return sheet.repeat(SHEET_SCALE, axis=0).repeat(SHEET_SCALE, axis=1)
+
+
 def write(workdir: str, step: int, scores: dict, requests, clips) -> str:
-    """`eval/quality_step<N>.{json,npz}` in `workdir`; returns the JSON's path."""
+    """`eval/quality_step<N>.{json,npz,png}` in `workdir`; returns the JSON's path."""
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"quality_step{step}")
@@ -151,6 +190,8 @@ def write(workdir: str, step: int, scores: dict, requests, clips) -> str:
         json.dump({"step": step, **scores, "requests": rows}, f, indent=1)
     os.replace(stem + ".json.tmp", stem + ".json")
     np.savez_compressed(stem + ".npz", **{r.name: c for r, c in zip(requests, clips, strict=True)})
+    Image.fromarray(contact_sheet(clips)).save(stem + ".png.tmp", format="PNG")
+    os.replace(stem + ".png.tmp", stem + ".png")
     return stem + ".json"
 
 

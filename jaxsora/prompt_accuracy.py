@@ -17,9 +17,18 @@ reads those four attributes back from pixels, and `score` compares them with the
                move and its sign, or "none" under a tenth of the frame's side (videos only).
 
 Accuracy is per attribute (direction over the prompts that move) plus `score`, their mean, and
-`all_correct`, the fraction of clips right on every attribute they have. On the ground-truth
-clips the analyzer is near 100% at the sizes the models train on, and at chance against shuffled
-captions (tests/test_prompt_accuracy.py), so a sample's numbers mean what they say.
+`all_correct`, the fraction of clips right on every attribute they have. Two diagnostics say
+why a low accuracy is low, and are not part of `score`:
+
+  coherence    `object_share`: of the pixels off the background, the share in the largest
+               blob, per frame, averaged (1.0 for one object; a model that scatters the
+               object's colour in pieces scores low, whatever the pieces' shape);
+  confusion    for shape and direction, how often each asked value was seen as each value: a
+               model that ignores the word has flat rows, one that confuses two shapes does not.
+
+On the ground-truth clips the analyzer is near 100% at the sizes the models train on, and at
+chance against shuffled captions (tests/test_prompt_accuracy.py), so a sample's numbers mean
+what they say.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from scipy import ndimage
 from data_pipelines.synthetic_clips.synthetic_clips import COLORS, DIRECTIONS, SHAPES, _shape_mask
 
 ATTRIBUTES = ("background", "object", "shape", "direction")
+# Asked -> seen counts in `score`, rows and columns in the grammar's order ("none" last).
+CONFUSION_VALUES = {"shape": (*SHAPES, "none"), "direction": (*DIRECTIONS, "none")}
 PALETTE = np.array(list(COLORS.values()), np.float32) / 255.0
 COLOR_NAMES = tuple(COLORS)
 # Half the smallest distance between two palette colours: a pixel farther than this from the
@@ -144,17 +155,32 @@ def _shape_of(alpha: np.ndarray, blob: np.ndarray) -> tuple[str, float]:
     return best, best_iou
 
 
-def analyze(frames: np.ndarray) -> Attributes:
-    """The attributes a clip shows: frames [T, H, W, 3] uint8, or floats in [0, 1]."""
-    x = _as_float(frames)
-    t, h, w, _ = x.shape
+def _off_background(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the background colour: the median of the border pixels, the [T, H, W] mask of pixels
+    farther than OBJECT_THRESHOLD from it) of float frames [T, H, W, 3]."""
     border = np.concatenate(
         [x[:, 0].reshape(-1, 3), x[:, -1].reshape(-1, 3), x[:, :, 0].reshape(-1, 3)]
         + [x[:, :, -1].reshape(-1, 3)]
     )
     bg_color = np.median(border, axis=0)
+    return bg_color, np.linalg.norm(x - bg_color, axis=-1) > OBJECT_THRESHOLD
+
+
+def object_share(frames: np.ndarray) -> float:
+    """How much of a clip's off-background area is one object: per frame with any (2 pixels or
+    more), the largest 4-connected blob's pixels over all off-background pixels, averaged over
+    those frames; 0.0 when no frame has an object."""
+    _, far = _off_background(_as_float(frames))
+    shares = [_blob(f).sum() / f.sum() for f in far if f.sum() >= 2]
+    return float(np.mean(shares)) if shares else 0.0
+
+
+def analyze(frames: np.ndarray) -> Attributes:
+    """The attributes a clip shows: frames [T, H, W, 3] uint8, or floats in [0, 1]."""
+    x = _as_float(frames)
+    t, h, w, _ = x.shape
+    bg_color, far = _off_background(x)
     bg = _nearest(bg_color)
-    far = np.linalg.norm(x - bg_color, axis=-1) > OBJECT_THRESHOLD  # [T, H, W]
     blobs = [_blob(f) for f in far]
     present = [i for i, b in enumerate(blobs) if b.sum() >= 2]
     if not present:
@@ -190,7 +216,8 @@ def score(clips: list[np.ndarray], prompts: list[str]) -> dict:
     if not clips:
         raise ValueError("no clips to score")
     right = {a: [] for a in ATTRIBUTES}
-    all_right, per_clip = [], []
+    all_right, per_clip, shares = [], [], []
+    confusion = {a: {} for a in CONFUSION_VALUES}
     for clip, prompt in zip(clips, prompts, strict=True):
         want, seen = parse_prompt(prompt), analyze(clip)
         ok = {}
@@ -199,13 +226,31 @@ def score(clips: list[np.ndarray], prompts: list[str]) -> dict:
                 continue  # a still has no motion to get right
             ok[a] = getattr(want, a) == getattr(seen, a)
             right[a].append(ok[a])
+            if a in confusion:
+                row = confusion[a].setdefault(getattr(want, a), {})
+                row[getattr(seen, a)] = row.get(getattr(seen, a), 0) + 1
         all_right.append(all(ok.values()))
-        per_clip.append({"prompt": prompt, "seen": dataclasses.asdict(seen), "correct": ok})
+        shares.append(object_share(clip))
+        per_clip.append(
+            {
+                "prompt": prompt,
+                "seen": dataclasses.asdict(seen),
+                "correct": ok,
+                "object_share": shares[-1],
+            }
+        )
     acc = {a: float(np.mean(v)) for a, v in right.items() if v}
+    for a, order in CONFUSION_VALUES.items():
+        rows = confusion[a]
+        confusion[a] = {
+            w: {g: rows[w][g] for g in order if g in rows[w]} for w in order if w in rows
+        }
     return {
         **{f"{a}_accuracy": v for a, v in acc.items()},
         "score": float(np.mean(list(acc.values()))),
         "all_correct": float(np.mean(all_right)),
+        "coherence": float(np.mean(shares)),
+        "confusion": confusion,
         "clips": len(clips),
         "per_clip": per_clip,
     }

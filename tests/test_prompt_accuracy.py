@@ -1,7 +1,9 @@
 """The sample-quality analyzer (jaxsora/prompt_accuracy.py) reads the synthetic world's
 attributes back from pixels: near-perfect on ground-truth clips, at their own sizes and at the
-token budget the tiny model trains at, and at chance against shuffled captions or on noise; the
-evaluation's fixed prompt set (jaxsora/evaluate.py) is fixed and fits the run's budget."""
+token budget the tiny model trains at, and at chance against shuffled captions or on noise; its
+coherence and confusion diagnostics count what they say; the evaluation's fixed prompt set
+(jaxsora/evaluate.py) is fixed and fits the run's budget, and its contact sheet puts every
+frame where it says."""
 
 import numpy as np
 import pytest
@@ -88,3 +90,67 @@ def test_the_prompt_set_is_fixed_balanced_and_fits_the_budget():
     for r in a:
         assert np.prod(request_grid(r, config)) <= config.data.max_tokens
     assert {r.frames for r in a} == {1, config.data.max_frames}
+
+
+BLUE, RED = (30, 70, 220), (220, 30, 30)
+
+
+def _canvas(t=1, h=24, w=32):
+    clip = np.zeros((t, h, w, 3), np.uint8)
+    clip[...] = BLUE
+    return clip
+
+
+def test_coherence_is_the_largest_blobs_share_of_the_object_pixels():
+    one = _canvas()
+    one[0, 8:12, 8:12] = RED  # a 16-pixel object
+    assert prompt_accuracy.object_share(one) == 1.0
+    specks = one.copy()
+    for y, x in ((2, 2), (2, 20), (20, 4), (20, 28)):  # 4 isolated pixels, off the border
+        specks[0, y, x] = RED
+    assert prompt_accuracy.object_share(specks) == 16 / 20
+    halves = _canvas(t=2)
+    halves[:, 5:8, 5:8] = RED
+    halves[:, 15:18, 20:23] = RED  # two equal pieces in both frames
+    assert prompt_accuracy.object_share(halves) == 0.5
+    assert prompt_accuracy.object_share(_canvas()) == 0.0  # no object at all
+    # Ground truth is one object in every frame; the score carries the mean.
+    scores = prompt_accuracy.score(*_clips(20, tokens=48))
+    assert scores["coherence"] == 1.0
+    assert [c["object_share"] for c in scores["per_clip"]] == [1.0] * 20
+
+
+def test_confusion_counts_every_clip_once_by_asked_and_seen_value():
+    clips, prompts = _clips(120, tokens=48)
+    truth = prompt_accuracy.score(clips, prompts)["confusion"]
+    asked = [prompt_accuracy.parse_prompt(p) for p in prompts]
+    for a in prompt_accuracy.CONFUSION_VALUES:
+        rows = truth[a]
+        for want, row in rows.items():  # ground truth: everything on the diagonal
+            n = sum(getattr(w, a) == want for w in asked)
+            assert row == {want: n}, (a, want, row)
+    moving = sum(w.direction != "none" for w in asked)
+    assert sum(sum(r.values()) for r in truth["direction"].values()) == moving
+    shuffled = list(np.random.default_rng(0).permutation(prompts))
+    scores = prompt_accuracy.score(clips, shuffled)
+    shape = scores["confusion"]["shape"]
+    assert sum(sum(r.values()) for r in shape.values()) == 120
+    diagonal = sum(r.get(w, 0) for w, r in shape.items())
+    assert diagonal == round(scores["shape_accuracy"] * 120) < 60  # off the diagonal now
+    assert list(shape) == [s for s in prompt_accuracy.SHAPES if s in shape]  # grammar order
+
+
+def test_the_contact_sheet_puts_each_frame_where_it_says():
+    g, k = evaluate.SHEET_GAP, evaluate.SHEET_SCALE
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 4, 5, 3), np.uint8)  # 3 frames of 4 x 5
+    b = rng.integers(0, 256, (1, 6, 2, 3), np.uint8)  # a 6 x 2 still
+    c = rng.integers(0, 256, (2, 2, 2, 3), np.uint8)
+    sheet = evaluate.contact_sheet([a, b, c], columns=2)  # column 1: a, b; column 2: c
+    assert sheet.shape == (k * (g + (4 + g) + (6 + g)), k * (g + 3 * (5 + g) + 2 * (2 + g)), 3)
+    small = sheet[::k, ::k]
+    np.testing.assert_array_equal(small[g : g + 4, g + 2 * (5 + g) : g + 2 * (5 + g) + 5], a[2])
+    np.testing.assert_array_equal(small[g + 4 + g : g + 4 + g + 6, g : g + 2], b[0])
+    x = g + 3 * (5 + g)
+    np.testing.assert_array_equal(small[g : g + 2, x + 2 + g : x + 2 + g + 2], c[1])
+    assert (small[:g] == 128).all()  # the grey margin

@@ -69,11 +69,16 @@ def test_a_resumed_run_logs_the_same_validation_curve_and_flops(data_dir, tmp_pa
     assert sorted(a) == [2, 4, 6] and a == b, (a, b)
 
     def scores(workdir):
-        return {r["step"]: r["quality_score"] for r in _rows(workdir) if "quality_score" in r}
+        return {
+            r["step"]: (r["quality_score"], r["quality_coherence"])
+            for r in _rows(workdir)
+            if "quality_score" in r
+        }
 
     assert sorted(scores(straight)) == [3, 6] and scores(straight) == scores(resumed)
     for step in (3, 6):
-        assert os.path.exists(os.path.join(resumed, "eval", f"quality_step{step}.npz"))
+        for ext in ("npz", "png"):
+            assert os.path.exists(os.path.join(resumed, "eval", f"quality_step{step}.{ext}"))
 
     # The count is every trained batch's model FLOPs (the same deterministic batches again).
     config = _config(data_dir)
