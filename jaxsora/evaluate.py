@@ -10,9 +10,8 @@ clip, its frames left to right, to look at) and prints the accuracies as one JSO
 prompts are the synthetic world's grammar drawn from `--seed` (every shape equally often, every
 eighth prompt an image), sized to the run's own token budget (`data.max_tokens`,
 `data.max_frames`, its patch and compression stage), so any two runs on the synthetic clips are
-scored on the same questions. Training runs the same evaluation
-every `eval.quality_every` steps (and at the last step) and logs `quality_*` beside
-`val_loss`.
+scored on the same questions. Training runs the same evaluation every `eval.quality_every`
+steps (and at the last step) and logs `quality_*` beside `val_loss`.
 """
 
 from __future__ import annotations
@@ -143,14 +142,15 @@ def summary(scores: dict) -> dict[str, float]:
     return out
 
 
-SHEET_SCALE = 4  # pixels of the contact sheet per pixel of a clip
-SHEET_GAP = 2  # grey pixels between frames and between rows
+SHEET_SCALE = 4  # at most this many sheet pixels per clip pixel (small clips, to be seen)...
+SHEET_SIDE = 128  # ...and no more than brings the largest frame side to this (large ones stay 1x)
+SHEET_GAP = 2  # grey pixels between frames and between rows, before scaling
 
 
 def contact_sheet(clips: list[np.ndarray], columns: int = 2) -> np.ndarray:
     """uint8 [H, W, 3]: the clips (uint8 [T, h, w, 3]) as rows of frames, left to right, in
-    `columns` columns of rows (clip i in column i // ceil(n / columns)), on grey, each pixel
-    a SHEET_SCALE square."""
+    `columns` columns of rows (clip i in column i // ceil(n / columns)), on grey, each pixel a
+    square of up to SHEET_SCALE pixels (so that the largest frame side reaches SHEET_SIDE)."""
     if not clips:
         raise ValueError("no clips for a contact sheet")
     g = SHEET_GAP
@@ -173,7 +173,9 @@ def contact_sheet(clips: list[np.ndarray], columns: int = 2) -> np.ndarray:
             sheet[y : y + r.shape[0], x : x + r.shape[1]] = r
             y += r.shape[0]
         x += width
-    return sheet.repeat(SHEET_SCALE, axis=0).repeat(SHEET_SCALE, axis=1)
+    side = max(max(c.shape[1:3]) for c in clips)
+    scale = max(1, min(SHEET_SCALE, SHEET_SIDE // side))
+    return sheet.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
 def write(workdir: str, step: int, scores: dict, requests, clips) -> str:

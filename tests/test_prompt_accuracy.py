@@ -154,3 +154,5 @@ def test_the_contact_sheet_puts_each_frame_where_it_says():
     x = g + 3 * (5 + g)
     np.testing.assert_array_equal(small[g : g + 2, x + 2 + g : x + 2 + g + 2], c[1])
     assert (small[:g] == 128).all()  # the grey margin
+    big = evaluate.contact_sheet([np.zeros((1, 256, 200, 3), np.uint8)])  # not scaled up
+    assert big.shape == (g + 256 + g, g + 200 + g, 3)
