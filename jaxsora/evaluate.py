@@ -133,9 +133,11 @@ def as_uint8(clips: list[np.ndarray]) -> list[np.ndarray]:
 def summary(scores: dict) -> dict[str, float]:
     """The metrics-row form: quality_score, quality_all_correct, quality_<attribute>, and
     quality_coherence (prompt_accuracy.object_share, not part of the score)."""
-    out = {"quality_score": scores["score"], "quality_all_correct": scores["all_correct"]}
-    if "coherence" in scores:
-        out["quality_coherence"] = scores["coherence"]
+    out = {
+        "quality_score": scores["score"],
+        "quality_all_correct": scores["all_correct"],
+        "quality_coherence": scores["coherence"],
+    }
     for a in prompt_accuracy.ATTRIBUTES:
         if f"{a}_accuracy" in scores:
             out[f"quality_{a}"] = scores[f"{a}_accuracy"]

@@ -171,20 +171,31 @@ def object_share(frames: np.ndarray) -> float:
     more), the largest 4-connected blob's pixels over all off-background pixels, averaged over
     those frames; 0.0 when no frame has an object."""
     _, far = _off_background(_as_float(frames))
-    shares = [_blob(f).sum() / f.sum() for f in far if f.sum() >= 2]
+    return _share(far, [_blob(f) for f in far])
+
+
+def _share(far: np.ndarray, blobs: list[np.ndarray]) -> float:
+    """`object_share` from a clip's off-background masks and their largest blobs."""
+    shares = [b.sum() / f.sum() for f, b in zip(far, blobs, strict=True) if f.sum() >= 2]
     return float(np.mean(shares)) if shares else 0.0
 
 
 def analyze(frames: np.ndarray) -> Attributes:
     """The attributes a clip shows: frames [T, H, W, 3] uint8, or floats in [0, 1]."""
+    return _read(frames)[0]
+
+
+def _read(frames: np.ndarray) -> tuple[Attributes, float]:
+    """(`analyze`, `object_share`) of a clip, from one pass over its pixels and blobs."""
     x = _as_float(frames)
     t, h, w, _ = x.shape
     bg_color, far = _off_background(x)
     bg = _nearest(bg_color)
     blobs = [_blob(f) for f in far]
+    share = _share(far, blobs)
     present = [i for i, b in enumerate(blobs) if b.sum() >= 2]
     if not present:
-        return Attributes(COLOR_NAMES[bg], "none", "none", "none")
+        return Attributes(COLOR_NAMES[bg], "none", "none", "none"), share
     pixels = np.concatenate([x[i][blobs[i]] for i in present])
     obj = _nearest(np.median(pixels, axis=0), exclude=bg)
     # How much of each pixel is object: its colour's position between background and object.
@@ -205,7 +216,7 @@ def analyze(frames: np.ndarray) -> Attributes:
                 direction = "right" if dx > 0 else "left"
             else:
                 direction = "down" if dy > 0 else "up"
-    return Attributes(COLOR_NAMES[bg], COLOR_NAMES[obj], shape, direction)
+    return Attributes(COLOR_NAMES[bg], COLOR_NAMES[obj], shape, direction), share
 
 
 def score(clips: list[np.ndarray], prompts: list[str]) -> dict:
@@ -219,7 +230,7 @@ def score(clips: list[np.ndarray], prompts: list[str]) -> dict:
     all_right, per_clip, shares = [], [], []
     confusion = {a: {} for a in CONFUSION_VALUES}
     for clip, prompt in zip(clips, prompts, strict=True):
-        want, seen = parse_prompt(prompt), analyze(clip)
+        want, (seen, share) = parse_prompt(prompt), _read(clip)
         ok = {}
         for a in ATTRIBUTES:
             if a == "direction" and want.direction == "none":
@@ -230,13 +241,13 @@ def score(clips: list[np.ndarray], prompts: list[str]) -> dict:
                 row = confusion[a].setdefault(getattr(want, a), {})
                 row[getattr(seen, a)] = row.get(getattr(seen, a), 0) + 1
         all_right.append(all(ok.values()))
-        shares.append(object_share(clip))
+        shares.append(share)
         per_clip.append(
             {
                 "prompt": prompt,
                 "seen": dataclasses.asdict(seen),
                 "correct": ok,
-                "object_share": shares[-1],
+                "object_share": share,
             }
         )
     acc = {a: float(np.mean(v)) for a, v in right.items() if v}
